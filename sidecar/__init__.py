@@ -1,0 +1,3 @@
+"""training-sidecar: keeps long GPU training runs alive unattended."""
+
+__version__ = "0.1.0"
