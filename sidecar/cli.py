@@ -1,0 +1,96 @@
+"""Command line: ``training-sidecar {run,check,checkpoints,resume,demo}``.
+
+Every setting is a flag whose default comes from its ``SIDECAR_*`` variable; the
+flag, when given, wins. Parsing and validation happen here, once, before any
+command runs: a bad value exits with status 2 and a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar import __version__
+from sidecar.config import ConfigError, Settings, env_name, load_settings
+from sidecar.log_setup import configure_logging
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings_flags = argparse.ArgumentParser(add_help=False)
+    group = settings_flags.add_argument_group(
+        "settings (each defaults to its SIDECAR_* environment variable)"
+    )
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None or default == "" else default
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"setting_{name}",
+            metavar=name.split("_")[-1].upper(),
+            default=None,
+            help=f"{field.description} [env {env_name(name)}; default: {shown}]",
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="training-sidecar",
+        description="Keeps a long GPU training run alive: detects stalls and crashes, "
+        "resumes from the newest complete checkpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "run", parents=[settings_flags], help="watch the run and recover it (the main loop)"
+    )
+    commands.add_parser(
+        "check", parents=[settings_flags], help="show what the sidecar sees; non-zero on a problem"
+    )
+    listing = commands.add_parser(
+        "checkpoints", parents=[settings_flags], help="list checkpoint candidates and verdicts"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    resume = commands.add_parser(
+        "resume",
+        parents=[settings_flags],
+        help="point train.sh at the newest complete checkpoint now, without restarting",
+    )
+    resume.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
+    demo = commands.add_parser(
+        "demo", help="simulate a FluxGym run that hangs, and watch the sidecar recover it"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
+    return parser
+
+
+def settings_overrides(arguments: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key.removeprefix("setting_"): value
+        for key, value in vars(arguments).items()
+        if key.startswith("setting_") and value is not None
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    if arguments.command == "demo":
+        from sidecar.demo import run_demo
+
+        return run_demo(keep=arguments.keep)
+    try:
+        settings = load_settings(settings_overrides(arguments))
+    except ConfigError as error:
+        print(f"training-sidecar: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_format, settings.log_level)
+    from sidecar import commands
+
+    handler = {
+        "run": commands.run,
+        "check": commands.check,
+        "checkpoints": commands.checkpoints,
+        "resume": commands.resume,
+    }[arguments.command]
+    return handler(settings, arguments)

@@ -1,0 +1,226 @@
+"""The sub-commands, each taking the validated settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sidecar.checkpoints import Candidate, choose_checkpoint, find_candidates
+from sidecar.config import Settings
+from sidecar.gpu import NvmlGpuMonitor
+from sidecar.ledger import LedgerError, LedgerStore
+from sidecar.log_setup import get_logger
+from sidecar.restarters.base import Restarter
+from sidecar.restarters.process import ProcessRestarter, default_echo
+from sidecar.resume_plan import rewrite_train_script, script_diff
+from sidecar.run_paths import RunPaths, RunSetupError, read_train_script, resolve_run_paths
+from sidecar.watchdog import EXIT_ERROR, Watchdog
+
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+
+
+def run(settings: Settings, arguments: argparse.Namespace) -> int:
+    log = get_logger()
+    try:
+        paths = resolve_run_paths(settings)
+    except RunSetupError as error:
+        log.error("configuration_invalid", reason=str(error))
+        return EXIT_USAGE
+    log.info("sidecar_started", settings=settings.redacted(), **_paths_summary(paths))
+    stop_event = threading.Event()
+    received: list[int] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop_event.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    gpu = NvmlGpuMonitor(settings.gpu_indices, logger=log)
+    try:
+        watchdog = Watchdog(
+            settings=settings,
+            paths=paths,
+            restarter=_restarter(settings, paths, log),
+            gpu=gpu,
+            store=LedgerStore(paths.state_dir),
+            log=log,
+            stop_event=stop_event,
+        )
+        code = watchdog.run()
+    except LedgerError as error:
+        log.error("configuration_invalid", reason=str(error))
+        return EXIT_ERROR
+    finally:
+        gpu.close()
+    if received:
+        log.info("sidecar_stopped", signal=signal.Signals(received[0]).name)
+        return 128 + received[0]
+    return code
+
+
+def _restarter(settings: Settings, paths: RunPaths, log: Any) -> Restarter | None:
+    if settings.restart_mode == "none":
+        return None
+    return ProcessRestarter(
+        train_script=paths.train_script,
+        workdir=paths.trainer_workdir,
+        train_log=paths.train_log,
+        kill_grace=settings.kill_grace,
+        echo=default_echo() if settings.echo_trainer_output else None,
+        log=log.info,
+    )
+
+
+def check(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Print what the sidecar sees, and every problem; exit 1 when there is one."""
+    problems: list[str] = []
+    try:
+        paths = resolve_run_paths(settings)
+    except RunSetupError as error:
+        print(f"problem: {error}")
+        return EXIT_PROBLEM
+    _, command = read_train_script(paths.train_script)
+    for key, value in _paths_summary(paths).items():
+        print(f"{key + ':':<18} {value}")
+    print(f"{'trainer script:':<18} {command.trainer_script}")
+    print(f"{'resume:':<18} {command.resume or '(none)'}")
+    if not command.save_state:
+        note = "added at launch" if settings.ensure_save_state else "nothing will be resumable"
+        problems.append(f"train.sh has no --save_state ({note})")
+    if not paths.output_dir.is_dir():
+        problems.append(f"output folder {paths.output_dir} does not exist")
+    if not paths.trainer_workdir.is_dir():
+        problems.append(f"trainer working directory {paths.trainer_workdir} does not exist")
+    candidates = _candidates(settings, paths)
+    _print_candidates(candidates, choose_checkpoint(candidates))
+    print(f"{'GPUs:':<18} {_describe_gpus(settings)}")
+    try:
+        ledger = LedgerStore(paths.state_dir).load()
+        print(f"{'restarts:':<18} {ledger.restarts} of {settings.max_restarts}")
+        if ledger.quarantined:
+            print(f"{'quarantined:':<18} {', '.join(ledger.quarantined)}")
+    except LedgerError as error:
+        problems.append(str(error))
+    for problem in problems:
+        print(f"problem: {problem}")
+    # A missing --save_state is fixed automatically when the sidecar may edit train.sh.
+    blocking = [p for p in problems if "added at launch" not in p]
+    return EXIT_PROBLEM if blocking else 0
+
+
+def checkpoints(settings: Settings, arguments: argparse.Namespace) -> int:
+    try:
+        paths = resolve_run_paths(settings)
+    except RunSetupError as error:
+        print(f"problem: {error}", file=sys.stderr)
+        return EXIT_PROBLEM
+    candidates = _candidates(settings, paths)
+    chosen = choose_checkpoint(candidates)
+    if arguments.json:
+        print(json.dumps([_candidate_json(c, c == chosen) for c in candidates], indent=2))
+    else:
+        _print_candidates(candidates, chosen)
+    return 0
+
+
+def resume(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Resolve the newest complete checkpoint and point train.sh at it, without restarting."""
+    try:
+        paths = resolve_run_paths(settings)
+    except RunSetupError as error:
+        print(f"problem: {error}", file=sys.stderr)
+        return EXIT_PROBLEM
+    candidates = _candidates(settings, paths)
+    try:
+        quarantined = [Path(p) for p in LedgerStore(paths.state_dir).load().quarantined]
+    except LedgerError as error:
+        print(f"problem: {error}", file=sys.stderr)
+        return EXIT_PROBLEM
+    chosen = choose_checkpoint(candidates, exclude=quarantined)
+    if chosen is None:
+        print("problem: no complete checkpoint to resume from", file=sys.stderr)
+        _print_candidates(candidates, None)
+        return EXIT_PROBLEM
+    trainer_path = paths.path_map.to_trainer(str(chosen.path))
+    if arguments.dry_run:
+        from sidecar.train_script import ensure_option, set_resume
+
+        old, _ = read_train_script(paths.train_script)
+        new = ensure_option(old, "--save_state") if settings.ensure_save_state else old
+        new = set_resume(new, trainer_path)
+        print(
+            "\n".join(script_diff(old, new, paths.train_script, context=1)) or "train.sh unchanged"
+        )
+        return 0
+    changed, old, new = rewrite_train_script(
+        paths.train_script, resume_from=trainer_path, ensure_save_state=settings.ensure_save_state
+    )
+    print(f"{'rewrote' if changed else 'unchanged'} {paths.train_script}: --resume {trainer_path}")
+    return 0
+
+
+def _candidates(settings: Settings, paths: RunPaths) -> list[Candidate]:
+    return find_candidates(
+        paths.output_dir,
+        now=time.time(),
+        settle_seconds=settings.checkpoint_settle,
+        output_name=paths.output_name,
+    )
+
+
+def _paths_summary(paths: RunPaths) -> dict[str, str]:
+    return {
+        "train_script": str(paths.train_script),
+        "output_dir": str(paths.output_dir),
+        "trainer_workdir": str(paths.trainer_workdir),
+        "state_dir": str(paths.state_dir),
+        "train_log": str(paths.train_log),
+        "output_name": paths.output_name,
+        "path_map": str(paths.path_map) or "(none)",
+    }
+
+
+def _print_candidates(candidates: list[Candidate], chosen: Candidate | None) -> None:
+    print(f"{'checkpoints:':<18} {len(candidates)} candidate(s)")
+    for candidate in candidates:
+        mark = "->" if candidate == chosen else "  "
+        verdict = "complete" if candidate.complete else "; ".join(candidate.problems)
+        print(f"  {mark} {candidate.path.name:<40} {candidate.kind:<11} {verdict}")
+
+
+def _candidate_json(candidate: Candidate, chosen: bool) -> dict[str, Any]:
+    return {
+        "path": str(candidate.path),
+        "kind": candidate.kind,
+        "number": candidate.number,
+        "complete": candidate.complete,
+        "problems": list(candidate.problems),
+        "completed_at": candidate.completed_at,
+        "step": candidate.step,
+        "epoch": candidate.epoch,
+        "chosen": chosen,
+    }
+
+
+def _describe_gpus(settings: Settings) -> str:
+    monitor = NvmlGpuMonitor(settings.gpu_indices)
+    try:
+        reading = monitor.sample()
+    finally:
+        monitor.close()
+    if reading is None:
+        return "none visible (NVML unavailable); GPU signal off"
+    if reading.error:
+        return f"error: {reading.error}"
+    return ", ".join(
+        f"#{s.index} {s.utilization_percent}% busy, {s.memory_used_bytes >> 20} MiB used"
+        for s in reading.samples
+    )

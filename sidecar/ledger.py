@@ -1,0 +1,103 @@
+"""The sidecar's memory across its own restarts: ``<state dir>/state.json``.
+
+It records every recovery (why, from which checkpoint), how often resuming from
+a checkpoint failed, and which checkpoints are quarantined, so that restarting
+the sidecar never resets the restart budget. Written atomically after each change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sidecar.atomic_files import replace_atomically
+
+SCHEMA_VERSION = 1
+# Resuming from the same checkpoint failed this often, with no newer checkpoint
+# appearing in between: the checkpoint itself is the likely culprit.
+QUARANTINE_AFTER_FAILURES = 2
+
+
+class LedgerError(Exception):
+    """state.json exists but cannot be read; the message says what to do."""
+
+
+@dataclass
+class Recovery:
+    at: str
+    reason: str
+    kind: str  # stall | crash
+    checkpoint: str | None  # sidecar-view path resumed from; None = from scratch
+
+
+@dataclass
+class Ledger:
+    recoveries: list[Recovery] = field(default_factory=list)
+    resume_failures: dict[str, int] = field(default_factory=dict)
+    quarantined: list[str] = field(default_factory=list)
+    current_checkpoint: str | None = None  # what the running attempt resumed from
+    # sd-scripts restarts step numbering after a resume, so a later save can reuse the same
+    # folder name: the completion time tells a rewritten checkpoint from the one resumed.
+    current_checkpoint_completed_at: float | None = None
+    consecutive_failures: int = 0  # recoveries with no new checkpoint in between (backoff)
+    completed: bool = False
+    gave_up: bool = False
+
+    @property
+    def restarts(self) -> int:
+        return len(self.recoveries)
+
+    def record_recovery(self, kind: str, reason: str, checkpoint: str | None) -> None:
+        self.recoveries.append(
+            Recovery(at=_utc_now(), reason=reason, kind=kind, checkpoint=checkpoint)
+        )
+
+    def record_failed_resume(self, checkpoint: str) -> bool:
+        """Count a failed attempt from ``checkpoint``; True when it is now quarantined."""
+        failures = self.resume_failures.get(checkpoint, 0) + 1
+        self.resume_failures[checkpoint] = failures
+        if failures >= QUARANTINE_AFTER_FAILURES and checkpoint not in self.quarantined:
+            self.quarantined.append(checkpoint)
+            return True
+        return False
+
+    def to_json(self) -> str:
+        return json.dumps({"version": SCHEMA_VERSION, **asdict(self)}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Ledger:
+        data: dict[str, Any] = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
+            raise ValueError(f"expected a version {SCHEMA_VERSION} ledger")
+        data.pop("version")
+        data["recoveries"] = [Recovery(**item) for item in data.get("recoveries", [])]
+        return cls(**data)
+
+
+class LedgerStore:
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "state.json"
+
+    def load(self) -> Ledger:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return Ledger()
+        try:
+            return Ledger.from_json(text)
+        except (ValueError, TypeError, KeyError) as error:
+            raise LedgerError(
+                f"{self.path} is not a ledger this sidecar can read ({error}); "
+                "move it away to start with a fresh restart budget"
+            ) from None
+
+    def save(self, ledger: Ledger) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(self.path, ledger.to_json())
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

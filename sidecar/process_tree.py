@@ -1,0 +1,103 @@
+"""The trainer's process tree: what it is doing (CPU, bytes written) and how to stop it.
+
+psutil gives the tree, CPU times and ``/proc/<pid>/io`` counters portably and
+copes with processes vanishing mid-walk, which a hand-written ``/proc`` parser
+would have to re-learn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass(frozen=True)
+class TreeUsage:
+    processes: int
+    cpu_seconds: float
+    write_bytes: int | None  # None when /proc/<pid>/io is not readable (another UID)
+
+
+def tree_of(root_pid: int) -> list[psutil.Process]:
+    """The root and all its descendants that are alive now."""
+    try:
+        root = psutil.Process(root_pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def group_members(process_group: int) -> list[psutil.Process]:
+    """Every live process in a process group (children whose parent died are re-parented)."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == process_group:
+                members.append(process)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def usage_of(processes: Sequence[psutil.Process]) -> TreeUsage:
+    cpu = 0.0
+    written: int | None = 0
+    alive = 0
+    for process in processes:
+        try:
+            with process.oneshot():
+                times = process.cpu_times()
+                cpu += times.user + times.system
+                alive += 1
+                if written is not None:
+                    try:
+                        written += process.io_counters().write_bytes
+                    except (psutil.AccessDenied, AttributeError):
+                        written = None
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return TreeUsage(processes=alive, cpu_seconds=round(cpu, 2), write_bytes=written)
+
+
+def terminate_tree(
+    processes: Sequence[psutil.Process],
+    *,
+    grace: float,
+    send_group_signal: Callable[[int], None] | None = None,
+    on_kill: Callable[[list[psutil.Process]], None] | None = None,
+) -> list[psutil.Process]:
+    """SIGTERM every process, wait ``grace``, SIGKILL what remains, wait until all are gone.
+
+    ``send_group_signal`` additionally signals a whole process group (catching
+    children forked after the tree was listed). Returns processes that survived
+    even SIGKILL (only possible for unkillable, e.g. D-state, processes).
+    """
+    _signal_all(processes, signal.SIGTERM, send_group_signal)
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    if not alive:
+        return []
+    if on_kill:
+        on_kill(alive)
+    _signal_all(alive, signal.SIGKILL, send_group_signal)
+    deadline = time.monotonic() + 10.0
+    while alive and time.monotonic() < deadline:
+        _, alive = psutil.wait_procs(alive, timeout=1.0)
+    return alive
+
+
+def _signal_all(
+    processes: Sequence[psutil.Process],
+    signum: signal.Signals,
+    send_group_signal: Callable[[int], None] | None,
+) -> None:
+    if send_group_signal:
+        send_group_signal(signum)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+            process.send_signal(signum)

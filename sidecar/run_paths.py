@@ -1,0 +1,95 @@
+"""Where everything of one run is, as the sidecar sees it, derived once from the settings.
+
+train.sh names paths as the trainer sees them; ``SIDECAR_PATH_MAP`` turns them
+into paths the sidecar can open. Defaults follow FluxGym's layout: the script
+lives at ``<root>/outputs/<name>/train.sh`` and runs with ``<root>`` as its
+working directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.atomic_files import read_text_exact
+from sidecar.config import Settings
+from sidecar.path_map import PathMap
+from sidecar.train_script import TrainCommand, TrainScriptError, parse_train_script
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+
+
+class RunSetupError(Exception):
+    """The run cannot be located; the message names the setting to fix."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    train_script: Path
+    output_dir: Path
+    trainer_workdir: Path
+    state_dir: Path
+    train_log: Path
+    output_name: str
+    path_map: PathMap
+
+    def final_model_present(self) -> bool:
+        return any(
+            (self.output_dir / f"{self.output_name}{suffix}").is_file() for suffix in MODEL_SUFFIXES
+        )
+
+
+def read_train_script(path: Path) -> tuple[str, TrainCommand]:
+    """The script text and its parsed trainer command, or a RunSetupError saying what is wrong."""
+    try:
+        text = read_text_exact(path)
+    except FileNotFoundError:
+        raise RunSetupError(f"train script {path} does not exist (SIDECAR_TRAIN_SCRIPT)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunSetupError(f"train script {path} cannot be read: {error}") from None
+    try:
+        return text, parse_train_script(text)
+    except TrainScriptError as error:
+        raise RunSetupError(f"train script {path} is not understood: {error}") from None
+
+
+def resolve_run_paths(settings: Settings) -> RunPaths:
+    if settings.train_script is None:
+        raise RunSetupError(
+            "SIDECAR_TRAIN_SCRIPT (--train-script) is required: the path of train.sh"
+        )
+    script = settings.train_script.absolute()
+    _, command = read_train_script(script)
+    path_map = settings.path_mapping
+    workdir = (settings.trainer_workdir or default_workdir(script)).absolute()
+    output_dir = settings.output_dir or _output_dir_from_script(command, path_map, script, workdir)
+    state_dir = settings.state_dir or output_dir / ".sidecar"
+    return RunPaths(
+        train_script=script,
+        output_dir=output_dir.absolute(),
+        trainer_workdir=workdir,
+        state_dir=state_dir.absolute(),
+        train_log=(settings.train_log or output_dir / "train.log").absolute(),
+        output_name=command.output_name or "last",  # sd-scripts' own default name
+        path_map=path_map,
+    )
+
+
+def default_workdir(script: Path) -> Path:
+    """FluxGym runs train.sh from its root, where ``sd-scripts/`` is relative to."""
+    run_folder = script.parent
+    if run_folder.parent.name == "outputs":
+        return run_folder.parent.parent
+    return run_folder
+
+
+def _output_dir_from_script(
+    command: TrainCommand, path_map: PathMap, script: Path, workdir: Path
+) -> Path:
+    if command.output_dir:
+        mapped = Path(path_map.to_sidecar(command.output_dir))
+        if not mapped.is_absolute():  # relative to the trainer's working directory
+            mapped = workdir / mapped
+        if mapped.is_dir():
+            return mapped
+    return script.parent
