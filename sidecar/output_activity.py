@@ -50,7 +50,8 @@ class OutputWatcher:
 
     def _entries(self) -> Iterable[os.DirEntry[str]]:
         for entry in _scan(self.output_dir):
-            if os.path.abspath(entry.path) in self._ignore:
+            # Hidden entries are bookkeeping (the sidecar's own .sidecar folder), not training.
+            if entry.name.startswith(".") or os.path.abspath(entry.path) in self._ignore:
                 continue
             yield entry
             if entry.is_dir(follow_symlinks=False):

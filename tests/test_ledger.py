@@ -14,6 +14,8 @@ def test_round_trip_keeps_budget_and_quarantine(tmp_path):
     store = LedgerStore(tmp_path / ".sidecar")
     ledger = Ledger()
     ledger.record_recovery("stall", "no progress", "/out/a-state")
+    ledger.current_checkpoint = "/out/a-state"
+    ledger.current_checkpoint_completed_at = 1234.5
     assert not ledger.record_failed_resume("/out/a-state")
     assert ledger.record_failed_resume("/out/a-state")
     store.save(ledger)
@@ -21,6 +23,7 @@ def test_round_trip_keeps_budget_and_quarantine(tmp_path):
     assert loaded.restarts == 1
     assert loaded.quarantined == ["/out/a-state"]
     assert loaded.current_checkpoint == "/out/a-state"
+    assert loaded.current_checkpoint_completed_at == 1234.5
     assert loaded.recoveries[0].kind == "stall"
 
 
