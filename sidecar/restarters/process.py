@@ -107,7 +107,7 @@ class ProcessRestarter:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(OSError),
             stop=tenacity.stop_after_attempt(self._launch_attempts),
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=5.0),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=5.0) + tenacity.wait_random(0, 0.5),
             before_sleep=lambda state: self._log(
                 "launch_retry",
                 attempt=state.attempt_number,
