@@ -79,16 +79,42 @@ def terminate_tree(
     even SIGKILL (only possible for unkillable, e.g. D-state, processes).
     """
     _signal_all(processes, signal.SIGTERM, send_group_signal)
-    _, alive = psutil.wait_procs(processes, timeout=grace)
+    alive = wait_until_gone(processes, timeout=grace)
     if not alive:
         return []
     if on_kill:
         on_kill(alive)
     _signal_all(alive, signal.SIGKILL, send_group_signal)
-    deadline = time.monotonic() + 10.0
-    while alive and time.monotonic() < deadline:
-        _, alive = psutil.wait_procs(alive, timeout=1.0)
-    return alive
+    return wait_until_gone(alive, timeout=10.0)
+
+
+def wait_until_gone(
+    processes: Sequence[psutil.Process], *, timeout: float, interval: float = 0.05
+) -> list[psutil.Process]:
+    """Wait until every process has exited; the ones still alive at the timeout.
+
+    A zombie counts as gone: it holds no GPU memory and runs no code, and when its
+    parent is not us (the trainer's python under bash, re-parented to PID 1) only
+    that parent can reap it — psutil.wait_procs would wait for the reaping.
+    """
+    deadline = time.monotonic() + timeout
+    alive = list(processes)
+    while True:
+        alive = [process for process in alive if _running(process)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(interval)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        if process.status() == psutil.STATUS_ZOMBIE:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(process.pid, os.WNOHANG)  # reap it if it is our own child
+            return False
+        return True
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_all(
