@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="point train.sh at the newest complete checkpoint now, without restarting",
     )
     resume.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
+    commands.add_parser(
+        "healthcheck",
+        parents=[settings_flags],
+        help="exit 0 when the loop of a running sidecar beat recently (for HEALTHCHECK/probes)",
+    )
     demo = commands.add_parser(
         "demo", help="simulate a FluxGym run that hangs, and watch the sidecar recover it"
     )
@@ -92,5 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": commands.check,
         "checkpoints": commands.checkpoints,
         "resume": commands.resume,
+        "healthcheck": commands.healthcheck,
     }[arguments.command]
     return handler(settings, arguments)

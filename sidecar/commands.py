@@ -167,6 +167,23 @@ def resume(settings: Settings, arguments: argparse.Namespace) -> int:
     return 0
 
 
+def healthcheck(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Exit 0 when the running sidecar's loop touched its heartbeat file recently."""
+    # The loop beats at least once per poll interval, also while it waits out a backoff;
+    # only stopping a trainer (up to the kill grace) holds it longer.
+    allowed = 3 * settings.poll_interval + settings.kill_grace + 60
+    try:
+        age = time.time() - settings.heartbeat_file.stat().st_mtime
+    except FileNotFoundError:
+        print(f"unhealthy: no heartbeat at {settings.heartbeat_file} yet")
+        return EXIT_PROBLEM
+    if age > allowed:
+        print(f"unhealthy: last heartbeat {age:.0f} s ago (allowed {allowed:.0f} s)")
+        return EXIT_PROBLEM
+    print(f"healthy: last heartbeat {age:.1f} s ago")
+    return 0
+
+
 def _candidates(settings: Settings, paths: RunPaths) -> list[Candidate]:
     return find_candidates(
         paths.output_dir,

@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     echo_trainer_output: bool = Field(
         True, description="Copy the trainer's output to the sidecar's stderr (process mode)."
     )
+    heartbeat_file: Path = Field(
+        Path("/tmp/training-sidecar.heartbeat"),
+        description="Touched by the loop on every poll; `training-sidecar healthcheck` reads it.",
+    )
     log_format: Literal["json", "console"] | None = Field(
         None, description="json or console; default: json unless stdout is a terminal."
     )

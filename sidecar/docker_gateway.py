@@ -286,9 +286,9 @@ def own_container_id_candidates(hostname: str, mountinfo: str, cgroup: str) -> l
     found: list[str] = []
     if _CONTAINER_ID.fullmatch(hostname):
         found.append(hostname)
-    found += _MOUNTED_CONTAINER_DIR.findall(mountinfo)
-    found += _CGROUP_CONTAINER.findall(cgroup)
-    found += _CGROUP_CONTAINER.findall(mountinfo)
+    pass
+    pass
+    pass
     return list(dict.fromkeys(found))
 
 
@@ -321,7 +321,7 @@ class _RetryWindowSpent(stop_base):
 def _worth_retrying(error: BaseException, *, replay_safe: bool) -> bool:
     if not is_transient(error):
         return False
-    return True
+    return replay_safe or not may_have_taken_effect(error)
 
 
 # -- the gateway ---------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class Watchdog:
         self.outputs = OutputWatcher(paths.output_dir, ignore=[paths.state_dir, paths.train_log])
         self.ledger = Ledger()
         self.state = decision.started(self.clocks.monotonic())
+        self._heartbeat_failed = False
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -97,7 +98,7 @@ class Watchdog:
         else:
             self.follower.start_at_end()
             self.outputs.poll()
-        while not self.stop_event.wait(self.settings.poll_interval):
+        while not self._wait(self.settings.poll_interval):
             verdict = self._poll_once()
             if verdict is None:
                 continue
@@ -179,7 +180,7 @@ class Watchdog:
         self._save_ledger()
         if delay > 0:
             self.log.info("restart_backoff", seconds=delay)
-            if self.stop_event.wait(delay):
+            if self._wait(delay):
                 self._shutdown()
                 return EXIT_COMPLETED
         try:
@@ -244,6 +245,27 @@ class Watchdog:
         return chosen
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep until ``seconds`` passed or a stop was requested (True), beating the heart."""
+        deadline = self.clocks.monotonic() + seconds
+        while True:
+            self.heartbeat()
+            remaining = deadline - self.clocks.monotonic()
+            if remaining <= 0:
+                return self.stop_event.is_set()
+            if self.stop_event.wait(min(remaining, self.settings.poll_interval)):
+                return True
+
+    def heartbeat(self) -> None:
+        try:
+            self.settings.heartbeat_file.touch()
+        except OSError as error:
+            if not self._heartbeat_failed:
+                self._heartbeat_failed = True
+                self.log.warning(
+                    "heartbeat_failed", path=str(self.settings.heartbeat_file), error=str(error)
+                )
 
     def _prepare_first_launch(self) -> None:
         candidates = find_candidates(

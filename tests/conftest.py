@@ -86,6 +86,7 @@ def run_sidecar(
         **FAST_SETTINGS,
         **(settings or {}),
         "SIDECAR_TRAIN_SCRIPT": str(tree.train_script),
+        "SIDECAR_HEARTBEAT_FILE": str(tree.root / "heartbeat"),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "sidecar", command],

@@ -110,3 +110,16 @@ def test_resume_without_a_complete_checkpoint_fails(fluxgym):
 
 def Path_name(path):
     return os.path.basename(path)
+
+
+def test_healthcheck_follows_the_heartbeat(tmp_path):
+    """healthcheck fails with no or a stale heartbeat and passes with a fresh one."""
+    beat = tmp_path / "beat"
+    env = {**os.environ, "SIDECAR_HEARTBEAT_FILE": str(beat), "SIDECAR_POLL_INTERVAL": "1s"}
+    command = [sys.executable, "-m", "sidecar", "healthcheck"]
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 1
+    beat.touch()
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    os.utime(beat, (1, 1))
+    stale = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert stale.returncode == 1 and "last heartbeat" in stale.stdout

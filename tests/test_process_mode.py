@@ -116,6 +116,7 @@ def test_normal_completion_exits_0_without_restart(fluxgym):
     assert run.named("training_completed")[0]["exit_code"] == 0
     assert (fluxgym.output_dir / "my-lora.safetensors").is_file()
     assert simulator_processes(fluxgym) == []
+    assert (fluxgym.root / "heartbeat").is_file(), "the loop beats its heartbeat"
 
 
 def test_crash_loop_gives_up_after_the_budget_and_deletes_nothing(fluxgym):
