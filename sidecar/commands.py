@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -16,9 +17,9 @@ from sidecar.config import Settings
 from sidecar.gpu import NvmlGpuMonitor
 from sidecar.ledger import LedgerError, LedgerStore
 from sidecar.log_setup import get_logger
-from sidecar.restarters.base import Restarter
-from sidecar.restarters.process import ProcessRestarter, default_echo
+from sidecar.restarters import build_restarter
 from sidecar.resume_plan import rewrite_train_script, script_diff
+from sidecar.run_locator import RunLocator
 from sidecar.run_paths import RunPaths, RunSetupError, read_train_script, resolve_run_paths
 from sidecar.watchdog import EXIT_ERROR, Watchdog
 
@@ -28,12 +29,23 @@ EXIT_USAGE = 2
 
 def run(settings: Settings, arguments: argparse.Namespace) -> int:
     log = get_logger()
+    locator = RunLocator(settings, re.compile(settings.trainer_pattern))
     try:
-        paths = resolve_run_paths(settings)
+        if locator.following and settings.restart_mode == "process":
+            raise RunSetupError(
+                "process mode launches one train.sh: set SIDECAR_TRAIN_SCRIPT (an outputs root "
+                "in SIDECAR_OUTPUT_DIR is followed in the container modes)"
+            )
+        paths = locator.current()
     except RunSetupError as error:
         log.error("configuration_invalid", reason=str(error))
         return EXIT_USAGE
-    log.info("sidecar_started", settings=settings.redacted(), **_paths_summary(paths))
+    log.info(
+        "sidecar_started",
+        settings=settings.redacted(),
+        following=str(locator.root) if locator.following else None,
+        **(_paths_summary(paths) if paths else {}),
+    )
     stop_event = threading.Event()
     received: list[int] = []
 
@@ -47,10 +59,9 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
     try:
         watchdog = Watchdog(
             settings=settings,
-            paths=paths,
-            restarter=_restarter(settings, paths, log),
+            locator=locator,
+            restarter=build_restarter(settings, paths, log),
             gpu=gpu,
-            store=LedgerStore(paths.state_dir),
             log=log,
             stop_event=stop_event,
         )
@@ -64,19 +75,6 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
         log.info("sidecar_stopped", signal=signal.Signals(received[0]).name)
         return 128 + received[0]
     return code
-
-
-def _restarter(settings: Settings, paths: RunPaths, log: Any) -> Restarter | None:
-    if settings.restart_mode == "none":
-        return None
-    return ProcessRestarter(
-        train_script=paths.train_script,
-        workdir=paths.trainer_workdir,
-        train_log=paths.train_log,
-        kill_grace=settings.kill_grace,
-        echo=default_echo() if settings.echo_trainer_output else None,
-        log=log.info,
-    )
 
 
 def check(settings: Settings, arguments: argparse.Namespace) -> int:

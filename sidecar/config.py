@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sidecar.path_map import PathMap, PathMapError
+from sidecar.trainer_processes import DEFAULT_TRAINER_PATTERN
 
 ENV_PREFIX = "SIDECAR_"
 
@@ -84,9 +85,35 @@ class Settings(BaseSettings):
         description="Working directory for launching train.sh; default: the FluxGym root when the "
         "script is <root>/outputs/<name>/train.sh, else the script's folder.",
     )
-    restart_mode: Literal["process", "none"] = Field(
+    restart_mode: Literal["process", "container", "exec", "signal", "none"] = Field(
         "process",
-        description="process: launch and supervise train.sh; none: detect and report only.",
+        description="process: launch and supervise train.sh; container: restart the trainer "
+        "container; exec: relaunch train.sh inside a long-lived container; signal: stop the "
+        "trainer's processes and let the orchestrator restart it; none: detect and report only.",
+    )
+    trainer_container: str | None = Field(
+        None,
+        description="container and exec modes: the trainer's container, by name, ID or compose "
+        "service.",
+    )
+    compose_project: str | None = Field(
+        None,
+        description="Compose project in which SIDECAR_TRAINER_CONTAINER is a service; default: "
+        "the sidecar's own project.",
+    )
+    trainer_pattern: str = Field(
+        DEFAULT_TRAINER_PATTERN,
+        description="exec, signal modes and run following: regular expression over a process's "
+        "command line that picks out the training processes (never the web UI).",
+    )
+    keep_resume_current: bool = Field(
+        True,
+        description="container, exec, signal modes: while the run is healthy, point train.sh's "
+        "--resume at each new complete checkpoint, so any restart resumes.",
+    )
+    docker_retry_window: Duration = Field(
+        60.0,
+        description="How long transient Docker failures (daemon unreachable, 5xx) are retried.",
     )
     poll_interval: Duration = Field(2.0, description="How often the run is observed.")
     # FluxGym on a 12 GB card logs ~50 s per step, and sample generation or a state save of a
@@ -160,6 +187,24 @@ class Settings(BaseSettings):
         except PathMapError as error:
             raise ValueError(str(error)) from None
         return value
+
+    @field_validator("trainer_pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"expected a regular expression: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_mode_needs(self) -> Settings:
+        if self.restart_mode in ("container", "exec") and not self.trainer_container:
+            raise ValueError(
+                f"restart mode {self.restart_mode} needs SIDECAR_TRAINER_CONTAINER "
+                "(a container name, ID or compose service)"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

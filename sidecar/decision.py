@@ -47,8 +47,10 @@ class Observation:
     log_grew: bool = False
     outputs_changed: bool = False
     gpu_utilization: tuple[int, ...] | None = None  # None: no GPU signal this poll
-    exit_code: int | None = None  # set once the trainer has exited
+    exited: bool = False  # the trainer is no longer running
+    exit_code: int | None = None  # its exit status, where the restart mode can see it
     final_model_present: bool = False
+    output_written: bool = False  # the trainer's processes wrote bytes (when no log is readable)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def advance(state: RunState, seen: Observation, policy: Policy) -> tuple[RunStat
         return state, None
     state = _track_progress(state, seen)
     state = _track_gpu(state, seen, policy)
-    if seen.exit_code is not None:
+    if seen.exited or seen.exit_code is not None:
         return _exited(state, seen)
     verdict = _stall_verdict(state, seen.now, policy)
     if verdict:
@@ -89,7 +91,7 @@ def advance(state: RunState, seen: Observation, policy: Policy) -> tuple[RunStat
 
 def _track_progress(state: RunState, seen: Observation) -> RunState:
     step_moved = seen.step is not None and seen.step != state.last_step
-    if not (step_moved or seen.log_grew or seen.outputs_changed):
+    if not (step_moved or is_progress(seen)):
         return state
     phase = Phase.RUNNING if (state.phase is Phase.RUNNING or step_moved) else state.phase
     return dataclasses.replace(
@@ -99,6 +101,11 @@ def _track_progress(state: RunState, seen: Observation) -> RunState:
         last_step=seen.step if seen.step is not None else state.last_step,
         total_steps=seen.total_steps if seen.total_steps is not None else state.total_steps,
     )
+
+
+def is_progress(seen: Observation) -> bool:
+    """Progress other than the step counter: output grew or files were written."""
+    return seen.log_grew or seen.outputs_changed or seen.output_written
 
 
 def _track_gpu(state: RunState, seen: Observation, policy: Policy) -> RunState:
@@ -113,16 +120,18 @@ def _track_gpu(state: RunState, seen: Observation, policy: Policy) -> RunState:
 
 def _exited(state: RunState, seen: Observation) -> tuple[RunState, Verdict]:
     figures = {**_figures(state, seen.now), "exit_code": seen.exit_code}
-    if seen.exit_code == 0 and seen.final_model_present:
+    if seen.exit_code in (0, None) and seen.final_model_present:
         completed = dataclasses.replace(state, phase=Phase.COMPLETED)
+        how = "exited 0" if seen.exit_code == 0 else "ended"
         return completed, Verdict(
-            VerdictKind.COMPLETED, "trainer exited 0 with the final model", figures
+            VerdictKind.COMPLETED, f"trainer {how} with the final model present", figures
         )
-    reason = (
-        "trainer exited 0 but the final model is missing"
-        if seen.exit_code == 0
-        else f"trainer exited with code {seen.exit_code}"
-    )
+    if seen.exit_code is None:
+        reason = "trainer ended without the final model (its exit status is not visible here)"
+    elif seen.exit_code == 0:
+        reason = "trainer exited 0 but the final model is missing"
+    else:
+        reason = f"trainer exited with code {seen.exit_code}"
     return dataclasses.replace(state, phase=Phase.CRASHED), Verdict(
         VerdictKind.CRASH, reason, figures
     )

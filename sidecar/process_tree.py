@@ -33,6 +33,29 @@ def tree_of(root_pid: int) -> list[psutil.Process]:
         return []
 
 
+class TreeWrites:
+    """Notices when the trainer's processes write anything (``wchar`` in /proc/<pid>/io).
+
+    That includes what they print into a pipe nobody lets us read — the progress bar of
+    a run FluxGym's web UI started. A process seen for the first time sets its baseline.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+
+    def grew(self, root_pids: Sequence[int]) -> bool:
+        current: dict[int, int] = {}
+        for root in root_pids:
+            for process in tree_of(root):
+                try:
+                    current[process.pid] = process.io_counters().write_chars
+                except (psutil.Error, AttributeError):
+                    continue
+        grew = any(current[pid] > self._seen[pid] for pid in current.keys() & self._seen.keys())
+        self._seen = current
+        return grew
+
+
 def group_members(process_group: int) -> list[psutil.Process]:
     """Every live process in a process group (children whose parent died are re-parented)."""
     members = []

@@ -53,21 +53,34 @@ def read_train_script(path: Path) -> tuple[str, TrainCommand]:
         raise RunSetupError(f"train script {path} is not understood: {error}") from None
 
 
-def resolve_run_paths(settings: Settings) -> RunPaths:
-    if settings.train_script is None:
+def resolve_run_paths(
+    settings: Settings, *, train_script: Path | None = None, output_dir: Path | None = None
+) -> RunPaths:
+    """The paths of one run; ``train_script``/``output_dir`` name a run found in an outputs root."""
+    script_setting = train_script or settings.train_script
+    if script_setting is None:
         raise RunSetupError(
-            "SIDECAR_TRAIN_SCRIPT (--train-script) is required: the path of train.sh"
+            "SIDECAR_TRAIN_SCRIPT (--train-script) is required: the path of train.sh "
+            "(or SIDECAR_OUTPUT_DIR pointing at an outputs root with <run>/train.sh folders)"
         )
-    script = settings.train_script.absolute()
+    script = script_setting.absolute()
     _, command = read_train_script(script)
     path_map = settings.path_mapping
     workdir = (settings.trainer_workdir or default_workdir(script)).absolute()
-    output_dir = settings.output_dir or _output_dir_from_script(command, path_map, script, workdir)
-    state_dir = settings.state_dir or output_dir / ".sidecar"
+    if settings.restart_mode == "exec" and settings.trainer_workdir is None:
+        # train.sh is launched inside the trainer's container: its root, in its view.
+        workdir = default_workdir(Path(path_map.to_trainer(str(script))))
+    if output_dir is None:
+        output_dir = settings.output_dir or _output_dir_from_script(
+            command, path_map, script, workdir
+        )
+    state_dir = (
+        settings.state_dir if settings.state_dir and train_script is None else None
+    ) or output_dir / ".sidecar"
     return RunPaths(
         train_script=script,
         output_dir=output_dir.absolute(),
-        trainer_workdir=workdir,
+        trainer_workdir=workdir,  # in the view of whoever launches train.sh
         state_dir=state_dir.absolute(),
         train_log=(settings.train_log or output_dir / "train.log").absolute(),
         output_name=command.output_name or "last",  # sd-scripts' own default name

@@ -1,8 +1,9 @@
 """The loop: observe the run, decide, and recover it through a restarter.
 
 Everything that touches the world sits behind the adapters handed in (restarter,
-GPU monitor, log follower, output watcher, ledger store, clocks), so the loop is
-the same whichever way the trainer is restarted.
+GPU monitor, run locator, clocks), so the loop is the same whichever way the
+trainer is restarted. Between runs (container modes) the loop idles and starts
+watching again when a trainer appears.
 """
 
 from __future__ import annotations
@@ -11,25 +12,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sidecar import decision
-from sidecar.checkpoints import Candidate, find_candidates
+from sidecar.checkpoints import Candidate, choose_checkpoint, find_candidates
 from sidecar.config import Settings
-from sidecar.decision import Observation, Phase, Policy, Verdict, VerdictKind
+from sidecar.decision import Observation, Phase, Policy, RunState, Verdict, VerdictKind
 from sidecar.gpu import GpuMonitor
 from sidecar.ledger import Ledger, LedgerStore
 from sidecar.log_follower import LogFollower
 from sidecar.output_activity import OutputWatcher
-from sidecar.process_tree import tree_of, usage_of
-from sidecar.restarters.base import Restarter, RestartError
+from sidecar.process_tree import TreeWrites, tree_of, usage_of
+from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
 from sidecar.resume_plan import (
     NoCheckpointLeft,
     choose_resume_point,
     rewrite_train_script,
     script_diff,
 )
-from sidecar.run_paths import RunPaths
+from sidecar.run_locator import RunLocator
+from sidecar.run_paths import RunPaths, RunSetupError, read_train_script
 from sidecar.train_script import TrainScriptError
 
 EXIT_COMPLETED = 0
@@ -48,19 +51,17 @@ class Watchdog:
         self,
         *,
         settings: Settings,
-        paths: RunPaths,
+        locator: RunLocator,
         restarter: Restarter | None,
         gpu: GpuMonitor | None,
-        store: LedgerStore,
         log: Any,
         stop_event: threading.Event,
         clocks: Clocks | None = None,
     ):
         self.settings = settings
-        self.paths = paths
+        self.locator = locator
         self.restarter = restarter
         self.gpu = gpu
-        self.store = store
         self.log = log
         self.stop_event = stop_event
         self.clocks = clocks or Clocks()
@@ -70,71 +71,136 @@ class Watchdog:
             gpu_idle_percent=settings.gpu_idle_percent,
             startup_grace=settings.startup_grace,
         )
-        self.follower = LogFollower(paths.train_log)
-        self.outputs = OutputWatcher(paths.output_dir, ignore=[paths.state_dir, paths.train_log])
+        self.paths: RunPaths | None = None
         self.ledger = Ledger()
-        self.state = decision.started(self.clocks.monotonic())
+        self.attempt: RunState | None = None  # None: no trainer being watched (idle)
+        self._attempt_key: str | None = None
+        self._awaiting_restart_until: float | None = None
+        self._last_status_problem: str | None = None
+        self._last_pointer_check = 0.0
+        self._writes = TreeWrites()
         self._heartbeat_failed = False
+
+    @property
+    def stays_up(self) -> bool:
+        return self.restarter is not None and not self.restarter.exits_with_run
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.ledger = self.store.load()
-        if self.paths.final_model_present() and self.restarter is not None:
-            self.log.info(
-                "training_completed", reason="final model already present", launched=False
-            )
-            return EXIT_COMPLETED
-        if self._budget_spent():
-            return self._give_up("restart budget already spent in an earlier session")
-        if self.restarter is not None:
-            try:
-                self._prepare_first_launch()
-                self.restarter.start()
-            except (RestartError, TrainScriptError, OSError) as error:
-                self.log.error("restart_failed", reason=str(error), attempt="initial launch")
-                return EXIT_ERROR
-            self._trainer_started(restart=False)
+        self._select_run(self.locator.current())
+        if self.restarter is None:
+            self._begin_attempt(source="already running")
+        elif self.restarter.exits_with_run:
+            outcome = self._first_launch()
+            if outcome is not None:
+                return outcome
         else:
-            self.follower.start_at_end()
-            self.outputs.poll()
+            self._check_trainer_reachable()
         while not self._wait(self.settings.poll_interval):
-            verdict = self._poll_once()
-            if verdict is None:
-                continue
-            outcome = self._handle(verdict)
+            outcome = self._tick()
             if outcome is not None:
                 return outcome
         self._shutdown()
         return EXIT_COMPLETED
 
-    def _poll_once(self) -> Verdict | None:
-        seen = self._observe()
-        if self.restarter is None and self.state.phase is Phase.STALLED and _is_progress(seen):
+    def _tick(self) -> int | None:
+        if self.stays_up:
+            self._follow_active_run()
+        if self.paths is None:
+            return None
+        status = self._status()
+        if self.attempt is None:
+            self._maybe_begin(status)
+            return None
+        verdict = self._poll_once(status)
+        if verdict is None:
+            if self.stays_up and self.settings.keep_resume_current:
+                self._keep_resume_current()
+            return None
+        return self._handle(verdict)
+
+    def _maybe_begin(self, status: TrainerStatus | None) -> None:
+        if status is None or not status.running:
+            if (
+                self._awaiting_restart_until
+                and self.clocks.monotonic() > self._awaiting_restart_until
+            ):
+                self._awaiting_restart_until = None
+                self.log.error(
+                    "restart_failed",
+                    reason="the trainer did not come back within the startup grace; check its "
+                    "container's restart policy (it must restart after its processes are killed)",
+                )
+            return
+        if status.attempt == self._attempt_key:
+            return  # the attempt that already ended is still being torn down
+        if self._awaiting_restart_until is not None:
+            self._awaiting_restart_until = None
+            self._begin_attempt(source="restart policy", key=status.attempt)
+            self._log_restarted()
+            return
+        if self.paths and (self.ledger.completed or self.ledger.gave_up):
+            self.log.info("new_run_detected", train_script=str(self.paths.train_script))
+            self.ledger = Ledger()
+            self._save_ledger()
+        self._begin_attempt(source="external", key=status.attempt)
+
+    def _poll_once(self, status: TrainerStatus | None) -> Verdict | None:
+        seen = self._observe(status)
+        assert self.attempt is not None
+        if (
+            self.restarter is None
+            and self.attempt.phase is Phase.STALLED
+            and decision.is_progress(seen)
+        ):
             self.log.info("progress_resumed", last_step=seen.step)
-            self.state = decision.started(seen.now)
-        self.state, verdict = decision.advance(self.state, seen, self.policy)
+            self.attempt = decision.started(seen.now)
+        self.attempt, verdict = decision.advance(self.attempt, seen, self.policy)
         return verdict
 
-    def _observe(self) -> Observation:
+    def _observe(self, status: TrainerStatus | None) -> Observation:
+        assert self.paths is not None and self.attempt is not None
         now = self.clocks.monotonic()
-        exit_code = self.restarter.exit_code() if self.restarter else None
         delta = self.follower.poll()
         outputs_changed = self.outputs.poll()
-        utilization = self._gpu_utilization()
         final_model = self.paths.final_model_present()
+        exited = status is not None and not status.running
         if self.restarter is None and final_model and not delta.grew:
-            exit_code = 0  # detect-only mode cannot see the exit; the final model says it ended
+            exited = True  # detect-only mode cannot see the exit; the final model says it ended
+        # Without a readable log (a run FluxGym's UI started streams into the UI), bytes the
+        # trainer's processes write — its progress bar among them — stand in for log growth.
+        wrote = False
+        if not delta.size and self.restarter is not None and not exited:
+            wrote = self._writes.grew(self.restarter.trainer_pids())
         return Observation(
             now=now,
             step=delta.progress.step if delta.progress else None,
             total_steps=delta.progress.total if delta.progress else None,
             log_grew=delta.grew,
             outputs_changed=outputs_changed,
-            gpu_utilization=utilization,
-            exit_code=exit_code,
+            gpu_utilization=self._gpu_utilization(),
+            exited=exited,
+            exit_code=status.exit_code if status else None,
             final_model_present=final_model,
+            output_written=wrote,
         )
+
+    def _status(self) -> TrainerStatus | None:
+        """The trainer's status; None when it cannot be known this poll (logged once)."""
+        if self.restarter is None:
+            return None
+        try:
+            status = self.restarter.status()
+        except RestartError as error:
+            if str(error) != self._last_status_problem:
+                self._last_status_problem = str(error)
+                self.log.error("trainer_unreachable", reason=str(error))
+            return None
+        if self._last_status_problem is not None:
+            self._last_status_problem = None
+            self.log.info("trainer_reachable")
+        return status
 
     def _gpu_utilization(self) -> tuple[int, ...] | None:
         if self.gpu is None:
@@ -144,6 +210,106 @@ class Watchdog:
             return None
         return tuple(sample.utilization_percent for sample in reading.samples)
 
+    # -- runs and attempts -------------------------------------------------------------------
+
+    def _select_run(self, paths: RunPaths | None) -> None:
+        self.paths = paths
+        if paths is None:
+            return
+        self.follower = LogFollower(paths.train_log)
+        self.outputs = OutputWatcher(paths.output_dir, ignore=[paths.state_dir, paths.train_log])
+        self.store = LedgerStore(paths.state_dir)
+        self.ledger = self.store.load()
+        if self.restarter is not None and hasattr(self.restarter, "use_run"):
+            self.restarter.use_run(paths)
+        if self.locator.following:
+            self.log.info(
+                "run_selected",
+                train_script=str(paths.train_script),
+                output_dir=str(paths.output_dir),
+            )
+
+    def _follow_active_run(self) -> None:
+        if not self.locator.following:
+            return
+        executing = self.locator.executing_run()
+        switch = self.attempt is None or (
+            executing is not None and self.paths is not None and executing != self.paths.output_dir
+        )
+        if not switch:
+            return
+        try:
+            paths = self.locator.current()
+        except RunSetupError as error:
+            self.log.error("configuration_invalid", reason=str(error))
+            return
+        if paths != self.paths:
+            self.attempt = None
+            self._select_run(paths)
+
+    def _begin_attempt(self, *, source: str, key: str | None = None) -> None:
+        assert self.paths is not None
+        self.follower.start_at_end()
+        self.outputs.poll()
+        self._writes = TreeWrites()
+        self.attempt = decision.started(self.clocks.monotonic())
+        self._attempt_key = key
+        if source != "sidecar":
+            self._note_resume_pointer()
+        if source == "sidecar" or self.restarter is None:
+            return
+        pids = self.restarter.trainer_pids()
+        self.log.info(
+            "trainer_started",
+            source=source,
+            mode=self.restarter.mode,
+            pid=pids[0] if pids else None,
+            script=str(self.paths.train_script),
+        )
+
+    def _note_resume_pointer(self) -> None:
+        """Remember which checkpoint an attempt we did not launch resumes from."""
+        assert self.paths is not None
+        try:
+            _, command = read_train_script(self.paths.train_script)
+        except RunSetupError:
+            return
+        if command.resume is None:
+            return
+        resumed = self.paths.path_map.to_sidecar(command.resume)
+        if resumed != self.ledger.current_checkpoint:
+            self.ledger.current_checkpoint = resumed
+            self.ledger.current_checkpoint_completed_at = None
+            self._save_ledger()
+
+    def _first_launch(self) -> int | None:
+        assert self.restarter is not None and self.paths is not None
+        if self.paths.final_model_present():
+            self.log.info(
+                "training_completed", reason="final model already present", launched=False
+            )
+            return EXIT_COMPLETED
+        if self._budget_spent():
+            return self._give_up("restart budget already spent in an earlier session")
+        try:
+            self._prepare_first_launch()
+            self.restarter.start()
+        except (RestartError, TrainScriptError, OSError) as error:
+            self.log.error("restart_failed", reason=str(error), attempt="initial launch")
+            return EXIT_ERROR
+        key = self.restarter.status().attempt
+        self._begin_attempt(source="sidecar", key=key)
+        self._log_started()
+        return None
+
+    def _check_trainer_reachable(self) -> None:
+        assert self.restarter is not None
+        try:
+            self.restarter.start()
+        except RestartError as error:
+            self._last_status_problem = str(error)
+            self.log.error("trainer_unreachable", reason=str(error))
+
     # -- verdicts ----------------------------------------------------------------------------
 
     def _handle(self, verdict: Verdict) -> int | None:
@@ -152,53 +318,74 @@ class Watchdog:
             self.ledger.completed = True
             self._save_ledger()
             self.log.info("training_completed", reason=verdict.reason, **figures)
-            return EXIT_COMPLETED
+            return self._run_over(EXIT_COMPLETED)
         event = "stall_detected" if verdict.kind is VerdictKind.STALL else "trainer_crashed"
         self.log.warning(event, reason=verdict.reason, **figures)
         if self.restarter is None:
             return None  # detect-only: report, then wait for progress to resume
         return self._recover(verdict)
 
+    def _run_over(self, code: int) -> int | None:
+        """Process mode ends with the run; container modes idle until the next one."""
+        if self.restarter is not None and self.restarter.exits_with_run:
+            return code
+        self.attempt = None
+        return None
+
     def _recover(self, verdict: Verdict) -> int | None:
+        assert self.restarter is not None
+        if self.restarter.stop_before_rewrite and not self._stop_trainer():
+            return self._run_over(EXIT_GAVE_UP)
+        if self._budget_spent():
+            return self._give_up(f"restart budget of {self.settings.max_restarts} spent")
+        # Stopped first: nothing writes any more, so no settling is needed.
+        settle = 0.0 if self.restarter.stop_before_rewrite else self.settings.checkpoint_settle
+        try:
+            checkpoint = self._choose_and_point(settle=settle)
+        except (NoCheckpointLeft, TrainScriptError, OSError) as error:
+            self.log.error("restart_failed", reason=str(error))
+            return self._give_up(str(error))
+        self.ledger.record_recovery(verdict.kind.value, verdict.reason, checkpoint)
+        self._save_ledger()
+        delay = self._backoff_delay()
+        if delay > 0:
+            self.log.info("restart_backoff", seconds=delay)
+            if self._wait(delay):
+                return None  # shutting down; run() stops the trainer
+        try:
+            self.restarter.restart()
+        except RestartError as error:
+            self.log.error("restart_failed", reason=str(error))
+            return self._give_up(str(error))
+        if not self.restarter.relaunches:
+            # The runtime's restart policy brings it back; _maybe_begin sees it return.
+            self.attempt = None
+            self._awaiting_restart_until = self.clocks.monotonic() + self.settings.startup_grace
+            return None
+        self._begin_attempt(source="sidecar", key=self._status_key())
+        self._log_restarted(reason=verdict.kind.value, checkpoint=checkpoint)
+        return None
+
+    def _stop_trainer(self) -> bool:
         assert self.restarter is not None
         stopping_since = self.clocks.monotonic()
         try:
             self.restarter.stop()
         except RestartError as error:
             self.log.error("restart_failed", reason=str(error))
-            return self._give_up(str(error))
+            self._give_up(str(error))
+            return False
         self.log.info("trainer_stopped", seconds=round(self.clocks.monotonic() - stopping_since, 3))
-        if self._budget_spent():
-            return self._give_up(f"restart budget of {self.settings.max_restarts} spent")
-        try:
-            checkpoint = self._choose_and_point(settle=0.0)
-        except (NoCheckpointLeft, TrainScriptError, OSError) as error:
-            self.log.error("restart_failed", reason=str(error))
-            return self._give_up(str(error))
-        delay = self._backoff_delay()
-        self.ledger.record_recovery(verdict.kind.value, verdict.reason, checkpoint)
-        self._save_ledger()
-        if delay > 0:
-            self.log.info("restart_backoff", seconds=delay)
-            if self._wait(delay):
-                self._shutdown()
-                return EXIT_COMPLETED
-        try:
-            self.restarter.restart()
-        except RestartError as error:
-            self.log.error("restart_failed", reason=str(error))
-            return self._give_up(str(error))
-        self._trainer_started(restart=True, reason=verdict.kind.value, checkpoint=checkpoint)
-        return None
+        return True
+
+    def _status_key(self) -> str | None:
+        status = self._status()
+        return status.attempt if status else None
 
     def _choose_and_point(self, *, settle: float) -> str | None:
         """Resolve the checkpoint, rewrite train.sh; the chosen checkpoint (sidecar view)."""
-        candidates = find_candidates(
-            self.paths.output_dir,
-            now=self.clocks.wall(),
-            settle_seconds=settle,
-            output_name=self.paths.output_name,
-        )
+        assert self.paths is not None
+        candidates = self._candidates(settle)
         choice = choose_resume_point(
             candidates, self.ledger, allow_scratch=self.settings.fallback == "scratch"
         )
@@ -227,7 +414,14 @@ class Watchdog:
             step=choice.checkpoint.step if choice.checkpoint else None,
             rejected=_rejections(candidates, choice.checkpoint),
         )
-        trainer_path = self.paths.path_map.to_trainer(chosen) if chosen else None
+        self._point_script_at(chosen, reason=choice.reason)
+        self.ledger.current_checkpoint = chosen
+        self.ledger.current_checkpoint_completed_at = completed_at
+        return chosen
+
+    def _point_script_at(self, checkpoint: str | None, *, reason: str) -> None:
+        assert self.paths is not None
+        trainer_path = self.paths.path_map.to_trainer(checkpoint) if checkpoint else None
         changed, old, new = rewrite_train_script(
             self.paths.train_script,
             resume_from=trainer_path,
@@ -238,11 +432,42 @@ class Watchdog:
                 "train_script_rewritten",
                 path=str(self.paths.train_script),
                 resume=trainer_path,
+                reason=reason,
                 diff=script_diff(old, new, self.paths.train_script),
             )
-        self.ledger.current_checkpoint = chosen
-        self.ledger.current_checkpoint_completed_at = completed_at
-        return chosen
+
+    def _keep_resume_current(self) -> None:
+        """While healthy, point train.sh at each new complete checkpoint, so that a restart
+        by anyone (the orchestrator after a crash, a person) resumes from it."""
+        assert self.paths is not None and self.attempt is not None
+        now = self.clocks.monotonic()
+        if self.attempt.phase is not Phase.RUNNING:
+            return
+        if now - self._last_pointer_check < max(self.settings.checkpoint_settle, 1.0):
+            return
+        self._last_pointer_check = now
+        newest = choose_checkpoint(
+            self._candidates(self.settings.checkpoint_settle),
+            exclude=[Path(p) for p in self.ledger.quarantined],
+        )
+        if newest is None:
+            return
+        try:
+            _, command = read_train_script(self.paths.train_script)
+            target = self.paths.path_map.to_trainer(str(newest.path))
+            if command.resume != target:
+                self._point_script_at(str(newest.path), reason="newer complete checkpoint")
+        except (RunSetupError, TrainScriptError, OSError) as error:
+            self.log.warning("resume_pointer_not_updated", reason=str(error))
+
+    def _candidates(self, settle: float) -> list[Candidate]:
+        assert self.paths is not None
+        return find_candidates(
+            self.paths.output_dir,
+            now=self.clocks.wall(),
+            settle_seconds=settle,
+            output_name=self.paths.output_name,
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -268,52 +493,41 @@ class Watchdog:
                 )
 
     def _prepare_first_launch(self) -> None:
-        candidates = find_candidates(
-            self.paths.output_dir,
-            now=self.clocks.wall(),
-            settle_seconds=self.settings.checkpoint_settle,
-            output_name=self.paths.output_name,
-        )
+        assert self.paths is not None
+        candidates = self._candidates(self.settings.checkpoint_settle)
         if any(candidate.complete for candidate in candidates) or self.ledger.current_checkpoint:
             # An earlier attempt left checkpoints: resume rather than redo its work.
             self._choose_and_point(settle=self.settings.checkpoint_settle)
         elif self.settings.ensure_save_state:
-            changed, old, new = rewrite_train_script(
-                self.paths.train_script,
-                resume_from=None,
-                ensure_save_state=True,
+            self._point_script_at(
+                None, reason="added --save_state: without it sd-scripts writes nothing resumable"
             )
-            if changed:
-                self.log.info(
-                    "train_script_rewritten",
-                    path=str(self.paths.train_script),
-                    reason="added --save_state: without it sd-scripts writes nothing resumable",
-                    diff=script_diff(old, new, self.paths.train_script),
-                )
         self._save_ledger()
 
-    def _trainer_started(self, *, restart: bool, **details: Any) -> None:
-        assert self.restarter is not None
-        self.follower.start_at_end()
-        self.outputs.poll()
-        self.state = decision.started(self.clocks.monotonic())
+    def _log_started(self) -> None:
+        assert self.restarter is not None and self.paths is not None
         pids = self.restarter.trainer_pids()
-        common = {
-            "mode": self.restarter.mode,
-            "pid": pids[0] if pids else None,
-            "script": str(self.paths.train_script),
-            "workdir": str(self.paths.trainer_workdir),
-        }
-        if restart:
-            self.log.info(
-                "trainer_restarted",
-                restarts=self.ledger.restarts,
-                budget_left=self.settings.max_restarts - self.ledger.restarts,
-                **common,
-                **details,
-            )
-        else:
-            self.log.info("trainer_started", **common)
+        self.log.info(
+            "trainer_started",
+            source="sidecar",
+            mode=self.restarter.mode,
+            pid=pids[0] if pids else None,
+            script=str(self.paths.train_script),
+            workdir=str(self.paths.trainer_workdir),
+        )
+
+    def _log_restarted(self, **details: Any) -> None:
+        assert self.restarter is not None and self.paths is not None
+        pids = self.restarter.trainer_pids()
+        self.log.info(
+            "trainer_restarted",
+            restarts=self.ledger.restarts,
+            budget_left=self.settings.max_restarts - self.ledger.restarts,
+            mode=self.restarter.mode,
+            pid=pids[0] if pids else None,
+            script=str(self.paths.train_script),
+            **details,
+        )
 
     def _trainer_usage(self) -> dict[str, Any]:
         if self.restarter is None:
@@ -321,7 +535,7 @@ class Watchdog:
         pids = self.restarter.trainer_pids()
         if not pids:
             return {"trainer_processes": 0}
-        usage = usage_of(tree_of(pids[0]))
+        usage = usage_of([process for pid in pids for process in tree_of(pid)][: 4 * len(pids)])
         return {
             "trainer_processes": usage.processes,
             "trainer_cpu_seconds": usage.cpu_seconds,
@@ -335,7 +549,7 @@ class Watchdog:
         exponent = min(self.ledger.consecutive_failures, 30)
         return min(self.settings.restart_backoff_max, self.settings.restart_backoff * 2**exponent)
 
-    def _give_up(self, reason: str) -> int:
+    def _give_up(self, reason: str) -> int | None:
         self.ledger.gave_up = True
         self._save_ledger()
         self.log.error(
@@ -346,9 +560,11 @@ class Watchdog:
             quarantined=self.ledger.quarantined,
             note="train.sh and every checkpoint are left as they are",
         )
-        return EXIT_GAVE_UP
+        return self._run_over(EXIT_GAVE_UP)
 
     def _save_ledger(self) -> None:
+        if self.paths is None:
+            return
         try:
             self.store.save(self.ledger)
         except OSError as error:
@@ -356,16 +572,15 @@ class Watchdog:
             self.log.error("ledger_write_failed", path=str(self.store.path), error=str(error))
 
     def _shutdown(self) -> None:
-        if self.restarter is not None and self.restarter.exit_code() is None:
+        if self.restarter is None or not self.restarter.exits_with_run:
+            return  # only a trainer we launched ourselves is ours to stop
+        status = self._status()
+        if status is not None and status.running:
             self.log.info("stopping_trainer", reason="sidecar shutting down")
             try:
                 self.restarter.stop()
             except RestartError as error:
                 self.log.error("restart_failed", reason=str(error))
-
-
-def _is_progress(seen: Observation) -> bool:
-    return seen.log_grew or seen.outputs_changed
 
 
 def _rejections(candidates: list[Candidate], chosen: Candidate | None) -> list[dict[str, Any]]:

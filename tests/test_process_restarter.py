@@ -27,9 +27,9 @@ def restarter(tmp_path, script_text, **kwargs):
 def wait_exit(trainer, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        code = trainer.exit_code()
-        if code is not None:
-            return code
+        status = trainer.status()
+        if not status.running:
+            return status.exit_code
         time.sleep(0.05)
     raise AssertionError("trainer did not exit")
 

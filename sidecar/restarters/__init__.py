@@ -1,5 +1,60 @@
 """How the sidecar acts on the trainer: one interchangeable part per restart mode."""
 
-from sidecar.restarters.base import Restarter, RestartError
+from __future__ import annotations
 
-__all__ = ["RestartError", "Restarter"]
+import re
+from typing import Any
+
+from sidecar.config import Settings
+from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
+from sidecar.run_paths import RunPaths
+
+__all__ = ["RestartError", "Restarter", "TrainerStatus", "build_restarter"]
+
+
+def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Restarter | None:
+    """The restarter for ``SIDECAR_RESTART_MODE``; None in detect-only mode."""
+    mode = settings.restart_mode
+    pattern = re.compile(settings.trainer_pattern)
+    if mode == "none":
+        return None
+    if mode == "process":
+        from sidecar.restarters.process import ProcessRestarter, default_echo
+
+        assert paths is not None
+        return ProcessRestarter(
+            train_script=paths.train_script,
+            workdir=paths.trainer_workdir,
+            train_log=paths.train_log,
+            kill_grace=settings.kill_grace,
+            echo=default_echo() if settings.echo_trainer_output else None,
+            log=log.info,
+        )
+    if mode == "signal":
+        from sidecar.restarters.signal import SignalRestarter
+
+        return SignalRestarter(pattern=pattern, kill_grace=settings.kill_grace, log=log.info)
+    from sidecar.docker_gateway import DockerGateway
+
+    gateway = DockerGateway(retry_window=settings.docker_retry_window, log=log)
+    project = settings.compose_project or gateway.own_compose_project()
+    assert settings.trainer_container is not None  # checked by the settings model
+    if mode == "container":
+        from sidecar.restarters.container import ContainerRestarter
+
+        return ContainerRestarter(
+            gateway=gateway,
+            container=settings.trainer_container,
+            project=project,
+            kill_grace=settings.kill_grace,
+        )
+    from sidecar.restarters.exec import ExecRestarter
+
+    return ExecRestarter(
+        gateway=gateway,
+        container=settings.trainer_container,
+        project=project,
+        pattern=pattern,
+        kill_grace=settings.kill_grace,
+        log=log.info,
+    )

@@ -21,13 +21,16 @@ from typing import IO, BinaryIO
 import tenacity
 
 from sidecar.process_tree import group_members, terminate_tree, tree_of
-from sidecar.restarters.base import RestartError
+from sidecar.restarters.base import RestartError, TrainerStatus
 
 _CHUNK = 64 * 1024
 
 
 class ProcessRestarter:
     mode = "process"
+    exits_with_run = True
+    stop_before_rewrite = True
+    relaunches = True
 
     def __init__(
         self,
@@ -62,10 +65,11 @@ class ProcessRestarter:
         self.stop()
         self._launch_with_retries()
 
-    def exit_code(self) -> int | None:
+    def status(self) -> TrainerStatus:
         if self._process is None:
-            return None
-        return self._process.poll()
+            return TrainerStatus(running=False)
+        code = self._process.poll()
+        return TrainerStatus(running=code is None, exit_code=code, attempt=str(self._process.pid))
 
     def trainer_pids(self) -> list[int]:
         if self._process is None:

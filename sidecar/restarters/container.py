@@ -1,0 +1,63 @@
+"""Container mode: the trainer container's command runs train.sh.
+
+train.sh lives on the shared volume, so the sidecar rewrites it first and then
+restarts the container through the Engine API with a stop timeout (a restart,
+never a kill or a stop: a stopped container counts as stopped by hand and its
+restart policy would no longer apply).
+"""
+
+from __future__ import annotations
+
+from sidecar.docker_gateway import ContainerInfo, DockerError, DockerGateway
+from sidecar.restarters.base import RestartError, TrainerStatus
+
+
+class ContainerRestarter:
+    mode = "container"
+    exits_with_run = False
+    stop_before_rewrite = False
+    relaunches = True
+
+    def __init__(
+        self, *, gateway: DockerGateway, container: str, project: str | None, kill_grace: float
+    ):
+        self.gateway = gateway
+        self.container = container
+        self.project = project
+        self.kill_grace = kill_grace
+
+    def start(self) -> None:
+        """The container is started by compose; only check that it exists."""
+        self._find()
+
+    def status(self) -> TrainerStatus:
+        info = self._find()
+        running = info.running or info.status == "restarting"
+        return TrainerStatus(
+            running=running,
+            exit_code=None if running else info.exit_code,
+            attempt=info.started_at,
+        )
+
+    def trainer_pids(self) -> list[int]:
+        try:
+            info = self._find()
+        except RestartError:
+            return []
+        return [info.pid] if info.pid else []
+
+    def stop(self) -> None:
+        """Restarting stops it; nothing to do before train.sh is rewritten."""
+
+    def restart(self) -> None:
+        info = self._find()
+        try:
+            self.gateway.restart(info.id, timeout=self.kill_grace)
+        except DockerError as error:
+            raise RestartError(f"restarting container {info.name}: {error}") from error
+
+    def _find(self) -> ContainerInfo:
+        try:
+            return self.gateway.find_container(self.container, project=self.project)
+        except DockerError as error:
+            raise RestartError(str(error)) from error

@@ -1,0 +1,73 @@
+"""Signal mode: no Docker socket, only a shared PID namespace (the Kubernetes way).
+
+The sidecar stops the trainer's processes with SIGTERM, then SIGKILL after the
+grace; the container runtime's restart policy brings the trainer container back,
+and it re-reads train.sh, which already points at the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from sidecar.process_tree import terminate_tree
+from sidecar.restarters.base import RestartError, TrainerStatus
+from sidecar.trainer_processes import attempt_key, find_trainer_processes
+
+
+class SignalRestarter:
+    mode = "signal"
+    exits_with_run = False
+    stop_before_rewrite = False
+    relaunches = False
+
+    def __init__(
+        self, *, pattern: re.Pattern[str], kill_grace: float, log: Callable[..., Any] | None = None
+    ):
+        self.pattern = pattern
+        self.kill_grace = kill_grace
+        self._log = log or (lambda *args, **kwargs: None)
+
+    def start(self) -> None:
+        """The orchestrator starts the trainer; nothing to do."""
+
+    def status(self) -> TrainerStatus:
+        processes = find_trainer_processes(self.pattern)
+        # Exit codes belong to the trainer's parent (the runtime), not to us.
+        return TrainerStatus(running=bool(processes), attempt=attempt_key(processes))
+
+    def trainer_pids(self) -> list[int]:
+        return sorted(process.pid for process in find_trainer_processes(self.pattern))
+
+    def stop(self) -> None:
+        stop_processes(self.pattern, self.kill_grace, self._log)
+
+    def restart(self) -> None:
+        """Stopping is the restart: the runtime's restart policy starts the container again."""
+        self.stop()
+
+
+def stop_processes(pattern: re.Pattern[str], grace: float, log: Callable[..., Any]) -> None:
+    processes = find_trainer_processes(pattern)
+    if not processes:
+        return
+    try:
+        survivors = terminate_tree(
+            processes,
+            grace=grace,
+            on_kill=lambda alive: log(
+                "trainer_killed",
+                pids=[p.pid for p in alive],
+                reason=f"still running {grace:g} s after SIGTERM",
+            ),
+        )
+    except (PermissionError, psutil.AccessDenied) as error:
+        raise RestartError(
+            f"not allowed to signal the trainer's processes ({error}); run the sidecar as the "
+            "trainer's UID or give it CAP_KILL"
+        ) from error
+    if survivors:
+        raise RestartError(f"trainer processes {[p.pid for p in survivors]} survived SIGKILL")
