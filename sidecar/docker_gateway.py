@@ -286,9 +286,9 @@ def own_container_id_candidates(hostname: str, mountinfo: str, cgroup: str) -> l
     found: list[str] = []
     if _CONTAINER_ID.fullmatch(hostname):
         found.append(hostname)
-    pass
-    pass
-    pass
+    found += _MOUNTED_CONTAINER_DIR.findall(mountinfo)
+    found += _CGROUP_CONTAINER.findall(cgroup)
+    found += _CGROUP_CONTAINER.findall(mountinfo)
     return list(dict.fromkeys(found))
 
 
@@ -397,6 +397,7 @@ class DockerGateway:
 
         Used to look for the trainer service in the sidecar's own project. Never raises:
         not running in a container, or in one the engine does not know, is an answer.
+        An unreachable daemon is still retried for the retry window first (then logged).
         """
         candidates = own_container_id_candidates(
             socket.gethostname(),

@@ -69,17 +69,24 @@ def _best(candidates: Sequence[Candidate], ledger: Ledger) -> Candidate | None:
     return choose_checkpoint(candidates, exclude=[Path(path) for path in ledger.quarantined])
 
 
+KEEP_RESUME = "<keep --resume as it is>"
+
+
 def rewrite_train_script(
     script: Path, *, resume_from: str | None, ensure_save_state: bool
 ) -> tuple[bool, str, str]:
-    """Point train.sh at ``resume_from`` (the trainer's view; None = no --resume).
+    """Point train.sh at ``resume_from`` (the trainer's view; None = no --resume;
+    KEEP_RESUME = leave it).
 
     Reads the script afresh, so an edit the user made since the verdict is kept.
     Keeps the user's original once as ``train.sh.orig``. Returns (changed, old, new).
     """
     old = read_text_exact(script)
     new = ensure_option(old, "--save_state") if ensure_save_state else old
-    new = set_resume(new, resume_from) if resume_from is not None else remove_resume(new)
+    if resume_from is None:
+        new = remove_resume(new)
+    elif resume_from is not KEEP_RESUME:
+        new = set_resume(new, resume_from)
     if new == old:
         return False, old, new
     copy_once(script, script.with_name(script.name + ".orig"))

@@ -26,6 +26,7 @@ from sidecar.output_activity import OutputWatcher
 from sidecar.process_tree import TreeWrites, tree_of, usage_of
 from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
 from sidecar.resume_plan import (
+    KEEP_RESUME,
     NoCheckpointLeft,
     choose_resume_point,
     rewrite_train_script,
@@ -113,12 +114,25 @@ class Watchdog:
         if self.attempt is None:
             self._maybe_begin(status)
             return None
+        if status is not None and self._replaced_underneath(status):
+            # Restarted by someone else between two polls (a restart policy after a crash):
+            # a new attempt, resuming from wherever train.sh pointed.
+            self._begin_attempt(source="restarted outside the sidecar", key=status.attempt)
+            return None
         verdict = self._poll_once(status)
         if verdict is None:
             if self.stays_up and self.settings.keep_resume_current:
                 self._keep_resume_current()
             return None
         return self._handle(verdict)
+
+    def _replaced_underneath(self, status: TrainerStatus) -> bool:
+        return (
+            status.running
+            and self._attempt_key is not None
+            and status.attempt is not None
+            and status.attempt != self._attempt_key
+        )
 
     def _maybe_begin(self, status: TrainerStatus | None) -> None:
         if status is None or not status.running:
@@ -222,6 +236,8 @@ class Watchdog:
         self.ledger = self.store.load()
         if self.restarter is not None and hasattr(self.restarter, "use_run"):
             self.restarter.use_run(paths)
+        if self.stays_up:
+            self._ensure_save_state()
         if self.locator.following:
             self.log.info(
                 "run_selected",
@@ -352,8 +368,12 @@ class Watchdog:
             self.log.info("restart_backoff", seconds=delay)
             if self._wait(delay):
                 return None  # shutting down; run() stops the trainer
+        # After a crash under a restart policy the runtime restarts the trainer by itself;
+        # stopping now could only kill the new attempt it already started.
+        leave_to_runtime = verdict.kind is VerdictKind.CRASH and not self.restarter.relaunches
         try:
-            self.restarter.restart()
+            if not leave_to_runtime:
+                self.restarter.restart()
         except RestartError as error:
             self.log.error("restart_failed", reason=str(error))
             return self._give_up(str(error))
@@ -419,9 +439,24 @@ class Watchdog:
         self.ledger.current_checkpoint_completed_at = completed_at
         return chosen
 
+    def _ensure_save_state(self) -> None:
+        """Add --save_state for the next start of a run we did not launch (FluxGym omits it)."""
+        if self.paths is None or not self.settings.ensure_save_state:
+            return
+        try:
+            self._point_script_at(
+                KEEP_RESUME,
+                reason="added --save_state: without it sd-scripts writes nothing resumable",
+            )
+        except (TrainScriptError, OSError) as error:
+            self.log.warning("train_script_not_updated", reason=str(error))
+
     def _point_script_at(self, checkpoint: str | None, *, reason: str) -> None:
         assert self.paths is not None
-        trainer_path = self.paths.path_map.to_trainer(checkpoint) if checkpoint else None
+        if checkpoint is KEEP_RESUME:
+            trainer_path: str | None = KEEP_RESUME
+        else:
+            trainer_path = self.paths.path_map.to_trainer(checkpoint) if checkpoint else None
         changed, old, new = rewrite_train_script(
             self.paths.train_script,
             resume_from=trainer_path,
@@ -431,7 +466,7 @@ class Watchdog:
             self.log.info(
                 "train_script_rewritten",
                 path=str(self.paths.train_script),
-                resume=trainer_path,
+                resume=None if trainer_path is KEEP_RESUME else trainer_path,
                 reason=reason,
                 diff=script_diff(old, new, self.paths.train_script),
             )

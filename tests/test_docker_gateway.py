@@ -22,6 +22,18 @@ import pytest
 import requests
 import structlog
 import urllib3.exceptions
+from docker_support import (
+    BASE_IMAGE,
+    DOCKER_SOCKET,
+    GRACEFUL_COMMAND,
+    STUBBORN_COMMAND,
+    FlakyDockerProxy,
+    ThrowawayContainers,
+    poll_until,
+    require_docker,
+    throwaway_containers,
+    unique_name,
+)
 
 from sidecar.docker_gateway import (
     COMPOSE_ONEOFF_LABEL,
@@ -38,18 +50,6 @@ from sidecar.docker_gateway import (
     own_container_id_candidates,
     parse_docker_time,
     to_docker_error,
-)
-from tests.docker_support import (
-    BASE_IMAGE,
-    DOCKER_SOCKET,
-    GRACEFUL_COMMAND,
-    STUBBORN_COMMAND,
-    FlakyDockerProxy,
-    ThrowawayContainers,
-    poll_until,
-    require_docker,
-    throwaway_containers,
-    unique_name,
 )
 
 pytestmark = pytest.mark.docker
@@ -323,8 +323,16 @@ class _FakeClient:
         pass
 
 
-def fake_engine(monkeypatch: pytest.MonkeyPatch, api: _FakeApi) -> None:
-    monkeypatch.setattr(docker, "DockerClient", lambda **options: _FakeClient(api))
+def fake_engine(monkeypatch: pytest.MonkeyPatch, api: _FakeApi) -> list[_FakeClient]:
+    """Every client the gateway builds, in order."""
+    built: list[_FakeClient] = []
+
+    def build(**options: Any) -> _FakeClient:
+        built.append(_FakeClient(api))
+        return built[-1]
+
+    monkeypatch.setattr(docker, "DockerClient", build)
+    return built
 
 
 def test_exec_start_with_lost_answer_is_not_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,12 +350,15 @@ def test_exec_start_with_lost_answer_is_not_repeated(monkeypatch: pytest.MonkeyP
 def test_exec_start_refused_before_sending_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused connection proves the start never happened, so it is safe to try again."""
     api = _FakeApi([REFUSED])
-    fake_engine(monkeypatch, api)
+    clients = fake_engine(monkeypatch, api)
     delays: list[float] = []
     gateway = DockerGateway(retry_window=30, sleep=delays.append)
+    assert clients == [], "constructing the gateway must not build a client"
     assert gateway.exec_detached("trainer", ["bash", "train.sh"]) == "feedface"
     assert api.starts == 2
     assert len(delays) == 1
+    # The connection failure discarded the client; the retry ran on a fresh one.
+    assert len(clients) == 2
 
 
 # -- finding containers ----------------------------------------------------------------------
@@ -385,9 +396,9 @@ def test_find_compose_service_prefers_running_and_skips_oneoff(
 ) -> None:
     """In a project a running service container beats a stopped one; `compose run` is ignored."""
     service, project, other = unique_name("svc"), unique_name("proj"), unique_name("other")
-    containers.create(labels=compose_labels(project, service), start=False)
     running = containers.create(labels=compose_labels(project, service))
-    containers.create(labels=compose_labels(project, service, oneoff=True))
+    containers.create(labels=compose_labels(project, service), start=False)  # newer, stopped
+    containers.create(labels=compose_labels(project, service, oneoff=True))  # newest, running
     elsewhere = containers.create(labels=compose_labels(other, service))
 
     assert gateway.find_container(service, project=project).id == running.id
@@ -446,7 +457,7 @@ def test_restart_keeps_container_and_stops_gracefully(
     container = containers.create(GRACEFUL_COMMAND)
     before = gateway.inspect(container.id)
     began = time.monotonic()
-    gateway.restart(container.id, timeout=10)
+    gateway.restart(container.id, timeout=9.5)  # the Engine takes whole seconds only
     elapsed = time.monotonic() - began
     after = gateway.inspect(container.id)
     assert after.id == before.id and after.running
