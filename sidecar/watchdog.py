@@ -58,7 +58,10 @@ class Watchdog:
         log: Any,
         stop_event: threading.Event,
         clocks: Clocks | None = None,
+        before_stop: Callable[[Verdict, dict[str, Any]], None] | None = None,
     ):
+        """``before_stop`` runs after a stall verdict, before the trainer is stopped (e.g. to
+        save an incident report while the hung processes can still be inspected)."""
         self.settings = settings
         self.locator = locator
         self.restarter = restarter
@@ -81,6 +84,9 @@ class Watchdog:
         self._last_pointer_check = 0.0
         self._writes = TreeWrites()
         self._heartbeat_failed = False
+        self._before_stop = before_stop
+        self.ready = False  # the first poll is done
+        self.last_poll_seconds: float | None = None
 
     @property
     def stays_up(self) -> bool:
@@ -99,7 +105,10 @@ class Watchdog:
         else:
             self._check_trainer_reachable()
         while not self._wait(self.settings.poll_interval):
+            started = self.clocks.monotonic()
             outcome = self._tick()
+            self.last_poll_seconds = self.clocks.monotonic() - started
+            self.ready = True
             if outcome is not None:
                 return outcome
         self._shutdown()
@@ -339,7 +348,30 @@ class Watchdog:
         self.log.warning(event, reason=verdict.reason, **figures)
         if self.restarter is None:
             return None  # detect-only: report, then wait for progress to resume
+        if self._before_stop is not None and verdict.kind is VerdictKind.STALL:
+            try:
+                self._before_stop(verdict, figures)
+            except Exception as error:  # a report must never block recovery
+                self.log.error("incident_report_failed", error=repr(error))
         return self._recover(verdict)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The loop's current view, for the HTTP surface and metrics (read from another thread)."""
+        attempt, paths, now = self.attempt, self.paths, self.clocks.monotonic()
+        return {
+            "phase": attempt.phase.value if attempt else "idle",
+            "seconds_since_progress": now - attempt.last_progress_at if attempt else None,
+            "last_step": attempt.last_step if attempt else None,
+            "total_steps": attempt.total_steps if attempt else None,
+            "gpu_utilization": attempt.last_gpu_utilization if attempt else None,
+            "restarts": self.ledger.restarts,
+            "recoveries": [(r.kind, r.reason) for r in self.ledger.recoveries],
+            "quarantined": list(self.ledger.quarantined),
+            "train_script": str(paths.train_script) if paths else None,
+            "output_dir": str(paths.output_dir) if paths else None,
+            "ready": self.ready,
+            "last_poll_seconds": self.last_poll_seconds,
+        }
 
     def _run_over(self, code: int) -> int | None:
         """Process mode ends with the run; container modes idle until the next one."""
