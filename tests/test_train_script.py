@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sidecar.simulator
 from sidecar.atomic_files import read_text_exact
 from sidecar.train_script import (
     TrainCommand,
@@ -27,7 +28,9 @@ from sidecar.train_script import (
     set_resume,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "train-scripts"
+# FluxGym's generated scripts ship with the simulator; test_simulator checks them against
+# the shared originals.
+FIXTURES = Path(sidecar.simulator.__file__).parent / "scripts"
 FIXTURE_PATHS = sorted(FIXTURES.glob("*.sh"))
 DEFAULT_FIXTURE = FIXTURES / "fluxgym-20g-default.sh"
 SCRIPT_LINE = "  sd-scripts/flux_train_network.py \\\n"
