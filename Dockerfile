@@ -61,7 +61,12 @@ ARG SIDECAR_UID=1000
 ARG SIDECAR_GID=1000
 USER ${SIDECAR_UID}:${SIDECAR_GID}
 
-# `training-sidecar healthcheck` exits 0 while the loop's heartbeat is recent. Polls are seconds
+# /healthz, /readyz and /metrics (SIDECAR_HTTP_PORT; 0 disables them). Documentation only:
+# publish it, or let a scraper in the same network reach it, deliberately.
+EXPOSE 9477
+
+# `training-sidecar healthcheck` asks /healthz on 127.0.0.1 (with SIDECAR_HTTP_PORT=0 it reads
+# the heartbeat file itself): 0 while the loop's heartbeat is recent. Polls are seconds
 # apart, so 30 s catches a wedged loop quickly; start-period covers interpreter start and the
 # first poll on a slow disk.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \

@@ -230,7 +230,9 @@ def _assess(
             mtime = _mtime_of_other_file(files[name])
         if mtime is not None and (newest is None or mtime > newest):
             newest = mtime
-    if newest is not None and now - newest < settle_seconds:
+    # settle_seconds 0: the caller knows nothing writes (the trainer is stopped or stalled),
+    # so file times — and a wall clock that jumped — do not matter.
+    if newest is not None and settle_seconds > 0 and now - newest < settle_seconds:
         problems.append(_still_written(now - newest))
     if kind == "final":
         problems.insert(0, FINAL_STATE_PROBLEM)

@@ -1,4 +1,4 @@
-"""Command line: ``training-sidecar {run,check,checkpoints,resume,demo}``.
+"""Command line: ``training-sidecar {run,check,checkpoints,resume,status,healthcheck,demo}``.
 
 Every setting is a flag whose default comes from its ``SIDECAR_*`` variable; the
 flag, when given, wins. Parsing and validation happen here, once, before any
@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="point train.sh at the newest complete checkpoint now, without restarting",
     )
     resume.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
+    status = commands.add_parser(
+        "status",
+        parents=[settings_flags],
+        help="summarise the run: phase, step and ETA, last checkpoint, restarts, incidents",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
     commands.add_parser(
         "healthcheck",
         parents=[settings_flags],
@@ -98,5 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checkpoints": commands.checkpoints,
         "resume": commands.resume,
         "healthcheck": commands.healthcheck,
+        "status": commands.status,
     }[arguments.command]
     return handler(settings, arguments)

@@ -15,12 +15,15 @@ from typing import Any
 from sidecar.checkpoints import Candidate, choose_checkpoint, find_candidates
 from sidecar.config import Settings
 from sidecar.gpu import NvmlGpuMonitor
+from sidecar.http_surface import heartbeat_health, probe
 from sidecar.ledger import LedgerError, LedgerStore
-from sidecar.log_setup import get_logger
+from sidecar.log_setup import configure_logging, get_logger
+from sidecar.observability import Observability
 from sidecar.restarters import build_restarter
 from sidecar.resume_plan import rewrite_train_script, script_diff
 from sidecar.run_locator import RunLocator
 from sidecar.run_paths import RunPaths, RunSetupError, read_train_script, resolve_run_paths
+from sidecar.status_report import build_report, render_text
 from sidecar.watchdog import EXIT_ERROR, Watchdog
 
 EXIT_PROBLEM = 1
@@ -28,6 +31,9 @@ EXIT_USAGE = 2
 
 
 def run(settings: Settings, arguments: argparse.Namespace) -> int:
+    # Metrics, webhooks and the progress line watch the event stream from the first event.
+    observability = Observability(settings)
+    configure_logging(settings.log_format, settings.log_level, observers=observability.observers())
     log = get_logger()
     locator = RunLocator(settings, re.compile(settings.trainer_pattern))
     try:
@@ -55,7 +61,7 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    gpu = NvmlGpuMonitor(settings.gpu_indices, logger=log)
+    gpu = observability.wrap_gpu(NvmlGpuMonitor(settings.gpu_indices, logger=log))
     try:
         watchdog = Watchdog(
             settings=settings,
@@ -64,12 +70,24 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
             gpu=gpu,
             log=log,
             stop_event=stop_event,
+            before_stop=observability.incident_recorder(log),
+            on_poll=observability.on_poll,
         )
+        try:
+            observability.attach(watchdog, log)
+        except OSError as error:
+            log.error(
+                "configuration_invalid",
+                reason=f"SIDECAR_HTTP_PORT {settings.http_port} cannot be served ({error}); "
+                "choose a free port, or 0 to disable the endpoint",
+            )
+            return EXIT_USAGE
         code = watchdog.run()
     except LedgerError as error:
         log.error("configuration_invalid", reason=str(error))
         return EXIT_ERROR
     finally:
+        observability.close()
         gpu.close()
     if received:
         log.info("sidecar_stopped", signal=signal.Signals(received[0]).name)
@@ -166,19 +184,37 @@ def resume(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def healthcheck(settings: Settings, arguments: argparse.Namespace) -> int:
-    """Exit 0 when the running sidecar's loop touched its heartbeat file recently."""
-    # The loop beats at least once per poll interval, also while it waits out a backoff;
-    # only stopping a trainer (up to the kill grace) holds it longer.
-    allowed = 3 * settings.poll_interval + settings.kill_grace + 60
+    """Exit 0 when the running sidecar's loop beat recently.
+
+    With the HTTP endpoint on, ask its /healthz (the same heartbeat rule, and proof that the
+    endpoint probes and Prometheus use is up); with SIDECAR_HTTP_PORT=0, read the heartbeat
+    file directly.
+    """
+    if settings.http_port:
+        health = probe(settings.http_port, "/healthz")
+    else:
+        health = heartbeat_health(settings)
+    message = health.message.removeprefix("ok: ").removeprefix("unhealthy: ")
+    print(f"{'healthy' if health.ok else 'unhealthy'}: {message}")
+    return 0 if health.ok else EXIT_PROBLEM
+
+
+def status(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Summarise the run from its ledger, output folder, log and incident bundles."""
     try:
-        age = time.time() - settings.heartbeat_file.stat().st_mtime
-    except FileNotFoundError:
-        print(f"unhealthy: no heartbeat at {settings.heartbeat_file} yet")
+        paths = RunLocator(settings, re.compile(settings.trainer_pattern)).current()
+    except RunSetupError as error:
+        print(f"problem: {error}", file=sys.stderr)
         return EXIT_PROBLEM
-    if age > allowed:
-        print(f"unhealthy: last heartbeat {age:.0f} s ago (allowed {allowed:.0f} s)")
+    if paths is None:
+        print(f"problem: no run under {settings.output_dir} yet", file=sys.stderr)
         return EXIT_PROBLEM
-    print(f"healthy: last heartbeat {age:.1f} s ago")
+    try:
+        report = build_report(settings, paths)
+    except LedgerError as error:
+        print(f"problem: {error}", file=sys.stderr)
+        return EXIT_PROBLEM
+    print(report.to_json() if arguments.json else render_text(report), end="")
     return 0
 
 

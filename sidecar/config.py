@@ -42,6 +42,15 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def parse_duration_or_auto(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"expected auto or {DURATION_FORMAT}, got {value!r}") from None
+
+
 def _parse_gpu_indices(value: Any) -> Any:
     if isinstance(value, str):
         value = value.strip()
@@ -85,11 +94,12 @@ class Settings(BaseSettings):
         description="Working directory for launching train.sh; default: the FluxGym root when the "
         "script is <root>/outputs/<name>/train.sh, else the script's folder.",
     )
-    restart_mode: Literal["process", "container", "exec", "signal", "none"] = Field(
+    restart_mode: Literal["process", "container", "exec", "signal", "pod", "none"] = Field(
         "process",
         description="process: launch and supervise train.sh; container: restart the trainer "
         "container; exec: relaunch train.sh inside a long-lived container; signal: stop the "
-        "trainer's processes and let the orchestrator restart it; none: detect and report only.",
+        "trainer's processes and let the orchestrator restart it; pod: delete the sidecar's own "
+        "Kubernetes pod so its controller replaces it (multi-node); none: detect and report only.",
     )
     trainer_container: str | None = Field(
         None,
@@ -100,6 +110,16 @@ class Settings(BaseSettings):
         None,
         description="Compose project in which SIDECAR_TRAINER_CONTAINER is a service; default: "
         "the sidecar's own project.",
+    )
+    pod_name: str | None = Field(
+        None,
+        description="pod mode: the name of the pod the sidecar runs in, from the downward API "
+        "(metadata.name); required in pod mode.",
+    )
+    pod_namespace: str | None = Field(
+        None,
+        description="pod mode: that pod's namespace, from the downward API (metadata.namespace); "
+        "required in pod mode.",
     )
     trainer_pattern: str = Field(
         DEFAULT_TRAINER_PATTERN,
@@ -119,8 +139,23 @@ class Settings(BaseSettings):
     # FluxGym on a 12 GB card logs ~50 s per step, and sample generation or a state save of a
     # Flux LoRA can take minutes without moving the step counter; a quarter of an hour with no
     # log line and no file written is far beyond any of those.
-    stall_timeout: Duration = Field(
-        900.0, description="No progress (step, log growth, output files) for this long = stalled."
+    stall_timeout: Annotated[float | Literal["auto"], BeforeValidator(parse_duration_or_auto)] = (
+        Field(
+            900.0,
+            description="No progress (step, log growth, output files) for this long = stalled; "
+            "auto: learn this run's longest legitimate pause and allow 3 times it, between "
+            "SIDECAR_STALL_TIMEOUT_FLOOR and SIDECAR_STALL_TIMEOUT_CEILING.",
+        )
+    )
+    # A run that steps every few seconds still pauses for a minute or two (samples, saves,
+    # epoch ends) before the learned figure can be trusted: never less than this.
+    stall_timeout_floor: Duration = Field(
+        120.0, description="With SIDECAR_STALL_TIMEOUT=auto: the shortest timeout it may learn."
+    )
+    stall_timeout_ceiling: Duration = Field(
+        1800.0,
+        description="With SIDECAR_STALL_TIMEOUT=auto: the longest, and the timeout used while "
+        "it is still learning.",
     )
     gpu_idle_timeout: Duration = Field(
         300.0,
@@ -172,6 +207,37 @@ class Settings(BaseSettings):
         Path("/tmp/training-sidecar.heartbeat"),
         description="Touched by the loop on every poll; `training-sidecar healthcheck` reads it.",
     )
+    # Outside the ports of what usually shares a GPU pod's or host's network: FluxGym 7860,
+    # TensorBoard 6006, Jupyter 8888, the ubiquitous 8080, node_exporter 9100, Prometheus 9090,
+    # NVIDIA's DCGM exporter 9400, OpenTelemetry's exporter 9464. On by default so that the
+    # health checks and probes have an endpoint without extra configuration.
+    http_port: int = Field(
+        9477,
+        ge=0,
+        le=65535,
+        description="Port of /healthz, /readyz and /metrics on 0.0.0.0; 0 disables the endpoint "
+        "(the healthcheck then reads the heartbeat file).",
+    )
+    webhook_url: str | None = Field(
+        None,
+        description="Receives a JSON POST on stall, restart, give-up and completion (Slack- and "
+        "Discord-compatible: text and content fields).",
+    )
+    webhook_headers: str = Field(
+        "",
+        description="Extra headers for the webhook, as 'Name: value; Name2: value' "
+        "(e.g. Authorization).",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description="When set, each webhook body is signed: header X-Sidecar-Signature-256 is "
+        "sha256=HMAC-SHA256(secret, body) in hex.",
+    )
+    incidents_keep: int = Field(
+        20,
+        ge=0,
+        description="Incident bundles kept in <state dir>/incidents (newest first); 0 saves none.",
+    )
     log_format: Literal["json", "console"] | None = Field(
         None, description="json or console; default: json unless stdout is a terminal."
     )
@@ -197,6 +263,19 @@ class Settings(BaseSettings):
             raise ValueError(f"expected a regular expression: {error}") from None
         return value
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("webhook_headers")
+    @classmethod
+    def _check_webhook_headers(cls, value: str) -> str:
+        parse_headers(value)
+        return value
+
     @model_validator(mode="after")
     def _check_mode_needs(self) -> Settings:
         if self.restart_mode in ("container", "exec") and not self.trainer_container:
@@ -204,6 +283,15 @@ class Settings(BaseSettings):
                 f"restart mode {self.restart_mode} needs SIDECAR_TRAINER_CONTAINER "
                 "(a container name, ID or compose service)"
             )
+        if self.restart_mode == "pod":
+            missing = [
+                env_name(name) for name in ("pod_name", "pod_namespace") if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(
+                    f"restart mode pod needs {' and '.join(missing)}, from the downward API "
+                    "(fieldRef metadata.name and metadata.namespace)"
+                )
         return self
 
     @field_validator("log_level", mode="before")
@@ -212,16 +300,50 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @property
+    def stall_timeout_bound(self) -> float:
+        """The longest the stall timeout can be: the fixed value, or the adaptive ceiling."""
+        return self.stall_timeout_ceiling if self.stall_timeout == "auto" else self.stall_timeout
+
+    @property
     def path_mapping(self) -> PathMap:
         return PathMap.parse(self.path_map)
 
+    @property
+    def webhook_header_map(self) -> dict[str, str]:
+        return parse_headers(self.webhook_headers)
+
     def redacted(self) -> dict[str, Any]:
-        """The effective settings for the start-up log, with secrets hidden."""
+        """The effective settings for the start-up log, with secrets hidden.
+
+        Slack's and Discord's webhook URLs carry their token in the path, and webhook headers
+        usually carry credentials, so only the URL's host and the header names are shown.
+        """
         shown: dict[str, Any] = {}
         for name, value in self.model_dump(mode="json").items():
             secret = any(word in name for word in ("secret", "token", "password"))
             shown[name] = "***" if secret and value else value
+        if self.webhook_url:
+            shown["webhook_url"] = re.sub(r"^(https?://[^/]+).*$", r"\1/***", self.webhook_url)
+        if self.webhook_headers:
+            shown["webhook_headers"] = "; ".join(f"{key}: ***" for key in self.webhook_header_map)
         return shown
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+
+
+def parse_headers(text: str) -> dict[str, str]:
+    """``Name: value; Name2: value`` as a dict; a ValueError naming the format otherwise."""
+    headers: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        name, colon, value = item.partition(":")
+        name, value = name.strip(), value.strip()
+        if not colon or not _HEADER_NAME.match(name) or "\n" in value or "\r" in value:
+            raise ValueError("expected 'Name: value; Name2: value'")
+        headers[name] = value
+    return headers
 
 
 def env_name(field_name: str) -> str:
@@ -243,8 +365,11 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
 def describe_validation_error(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
-        field = str(problem["loc"][0]) if problem["loc"] else "?"
         message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # a rule across settings; its message names the variables
+            lines.append(message)
+            continue
+        field = str(problem["loc"][0])
         given = problem.get("input")
         lines.append(
             f"{env_name(field)} (--{field.replace('_', '-')}): {message}"

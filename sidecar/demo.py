@@ -31,6 +31,8 @@ DEMO_SETTINGS = {
     "SIDECAR_CHECKPOINT_SETTLE": "1s",
     "SIDECAR_LOG_FORMAT": "json",
     "SIDECAR_ECHO_TRAINER_OUTPUT": "false",
+    # The demo must run beside a real sidecar, which holds the default port.
+    "SIDECAR_HTTP_PORT": "0",
 }
 SIMULATION = {
     "SIM_STEPS_PER_EPOCH": "4",

@@ -23,6 +23,7 @@ class LogDelta:
     new_bytes: int
     progress: StepProgress | None  # latest step counter seen in the new output, if any
     size: int
+    mtime: float | None = None  # wall-clock time of the last write, when it grew
 
 
 class LogFollower:
@@ -63,7 +64,11 @@ class LogFollower:
         text = self._carry + chunk.decode("utf-8", errors="replace")
         self._carry = _last_fragment(text)[-self._carry_limit :]
         return LogDelta(
-            grew=True, new_bytes=pending, progress=parse_step(text), size=status.st_size
+            grew=True,
+            new_bytes=pending,
+            progress=parse_step(text),
+            size=status.st_size,
+            mtime=status.st_mtime,
         )
 
     def _read(self, start: int, length: int) -> bytes:

@@ -36,6 +36,9 @@ class PathMap:
             sidecar_path, trainer_path = PurePosixPath(sidecar_side), PurePosixPath(trainer_side)
             if not (sidecar_path.is_absolute() and trainer_path.is_absolute()):
                 raise PathMapError(f"{item!r}: both prefixes must be absolute paths")
+            if ".." in sidecar_path.parts or ".." in trainer_path.parts:
+                # A mapping through .. could point writes (train.sh, the ledger) anywhere.
+                raise PathMapError(f"{item!r}: prefixes must not contain '..'")
             pairs.append((sidecar_path, trainer_path))
         return cls(tuple(pairs))
 

@@ -8,6 +8,7 @@ working directory.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def resolve_run_paths(
         output_dir = settings.output_dir or _output_dir_from_script(
             command, path_map, script, workdir
         )
+    check_write_scope(output_dir)
     state_dir = (
         settings.state_dir if settings.state_dir and train_script is None else None
     ) or output_dir / ".sidecar"
@@ -86,6 +88,36 @@ def resolve_run_paths(
         output_name=command.output_name or "last",  # sd-scripts' own default name
         path_map=path_map,
     )
+
+
+# The sidecar writes into the output folder (its ledger, train.log, incident reports): a
+# train.sh whose --output_dir names one of these is refused rather than obeyed.
+_SYSTEM_FOLDERS = tuple(
+    Path(p)
+    for p in (
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/proc",
+        "/sbin",
+        "/sys",
+        "/usr",
+    )
+)
+
+
+def check_write_scope(output_dir: Path) -> None:
+    """Refuse an output folder the sidecar must never write into."""
+    real = Path(os.path.realpath(output_dir))
+    if real == Path(real.anchor) or any(real.is_relative_to(s) for s in _SYSTEM_FOLDERS):
+        raise RunSetupError(
+            f"refusing output folder {output_dir} (resolves to {real}): the sidecar writes its "
+            "ledger and logs there; expected the run's own folder, e.g. <fluxgym>/outputs/<name>"
+        )
 
 
 def default_workdir(script: Path) -> Path:

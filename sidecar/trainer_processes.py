@@ -45,6 +45,20 @@ def executing_scripts(processes: Iterable[psutil.Process]) -> list[str]:
     return scripts
 
 
+def script_runner(script: str) -> psutil.Process | None:
+    """A live bash process executing exactly this train.sh, if there is one."""
+    for process in psutil.process_iter(["cmdline", "status"]):
+        arguments = process.info["cmdline"] or []
+        if (
+            process.info["status"] != psutil.STATUS_ZOMBIE
+            and len(arguments) >= 2
+            and os.path.basename(arguments[0]) == "bash"
+            and script in arguments[1:]
+        ):
+            return process
+    return None
+
+
 def attempt_key(processes: Iterable[psutil.Process]) -> str | None:
     """Identifies one run of the trainer: the start time of its oldest process."""
     times = []

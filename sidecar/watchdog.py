@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import decision
+from sidecar.cadence import AdaptiveTimeout, Cadence
 from sidecar.checkpoints import Candidate, choose_checkpoint, find_candidates
 from sidecar.config import Settings
 from sidecar.decision import Observation, Phase, Policy, RunState, Verdict, VerdictKind
@@ -33,6 +34,7 @@ from sidecar.resume_plan import (
     script_diff,
 )
 from sidecar.run_locator import RunLocator
+from sidecar.run_lock import RunLock, RunLockHeld
 from sidecar.run_paths import RunPaths, RunSetupError, read_train_script
 from sidecar.train_script import TrainScriptError
 
@@ -59,6 +61,7 @@ class Watchdog:
         stop_event: threading.Event,
         clocks: Clocks | None = None,
         before_stop: Callable[[Verdict, dict[str, Any]], None] | None = None,
+        on_poll: Callable[[], None] | None = None,
     ):
         """``before_stop`` runs after a stall verdict, before the trainer is stopped (e.g. to
         save an incident report while the hung processes can still be inspected)."""
@@ -70,14 +73,21 @@ class Watchdog:
         self.stop_event = stop_event
         self.clocks = clocks or Clocks()
         self.policy = Policy(
-            stall_timeout=settings.stall_timeout,
+            stall_timeout=settings.stall_timeout_bound,
             gpu_idle_timeout=settings.gpu_idle_timeout,
             gpu_idle_percent=settings.gpu_idle_percent,
             startup_grace=settings.startup_grace,
+            adaptive=AdaptiveTimeout(settings.stall_timeout_floor, settings.stall_timeout_ceiling)
+            if settings.stall_timeout == "auto"
+            else None,
         )
         self.paths: RunPaths | None = None
         self.ledger = Ledger()
         self.attempt: RunState | None = None  # None: no trainer being watched (idle)
+        self._cadence = Cadence()  # learned by the attempts of the current run
+        self._previous_poll: float | None = None
+        self._pending_recovery: Verdict | None = None  # a recovery to retry (e.g. disk full)
+        self._last_recovery_error: str | None = None
         self._attempt_key: str | None = None
         self._awaiting_restart_until: float | None = None
         self._last_status_problem: str | None = None
@@ -85,6 +95,7 @@ class Watchdog:
         self._writes = TreeWrites()
         self._heartbeat_failed = False
         self._before_stop = before_stop
+        self._on_poll = on_poll  # after every poll (live progress line, step rate, metrics)
         self.ready = False  # the first poll is done
         self.last_poll_seconds: float | None = None
 
@@ -104,17 +115,26 @@ class Watchdog:
                 return outcome
         else:
             self._check_trainer_reachable()
-        while not self._wait(self.settings.poll_interval):
+        next_poll = self.clocks.monotonic() + self.settings.poll_interval
+        while not self._wait(self._until_next_poll(next_poll)):
+            # Fixed-rate polls: the time a poll takes does not stretch the interval.
+            now = self.clocks.monotonic()
+            if now >= next_poll:
+                next_poll = max(next_poll + self.settings.poll_interval, now)
             started = self.clocks.monotonic()
             outcome = self._tick()
             self.last_poll_seconds = self.clocks.monotonic() - started
             self.ready = True
+            if self._on_poll is not None:
+                self._on_poll()
             if outcome is not None:
                 return outcome
         self._shutdown()
         return EXIT_COMPLETED
 
     def _tick(self) -> int | None:
+        if self._pending_recovery is not None:
+            return self._recover(self._pending_recovery)
         if self.stays_up:
             self._follow_active_run()
         if self.paths is None:
@@ -178,16 +198,27 @@ class Watchdog:
             and decision.is_progress(seen)
         ):
             self.log.info("progress_resumed", last_step=seen.step)
-            self.attempt = decision.started(seen.now)
+            self.attempt = decision.started(seen.now, self.attempt.cadence)
+        before = self.attempt.phase
         self.attempt, verdict = decision.advance(self.attempt, seen, self.policy)
+        if before is Phase.STARTING and self.attempt.phase is Phase.RUNNING:
+            # The first step of this attempt: after a restart, the moment training resumed.
+            self.log.info(
+                "training_progressing",
+                step=self.attempt.last_step,
+                total_steps=self.attempt.total_steps,
+                seconds_since_start=round(seen.now - self.attempt.launched_at, 3),
+            )
         return verdict
 
     def _observe(self, status: TrainerStatus | None) -> Observation:
         assert self.paths is not None and self.attempt is not None
         now = self.clocks.monotonic()
+        previous_poll, self._previous_poll = self._previous_poll, now
         delta = self.follower.poll()
         outputs_changed = self.outputs.poll()
         final_model = self.paths.final_model_present()
+        utilization, power = self._gpu_reading()
         exited = status is not None and not status.running
         if self.restarter is None and final_model and not delta.grew:
             exited = True  # detect-only mode cannot see the exit; the final model says it ended
@@ -202,12 +233,33 @@ class Watchdog:
             total_steps=delta.progress.total if delta.progress else None,
             log_grew=delta.grew,
             outputs_changed=outputs_changed,
-            gpu_utilization=self._gpu_utilization(),
+            gpu_utilization=utilization,
+            gpu_power_watts=power,
             exited=exited,
             exit_code=status.exit_code if status else None,
             final_model_present=final_model,
             output_written=wrote,
+            progress_at=self._when_written(delta.mtime, now, previous_poll) if delta.grew else None,
         )
+
+    def _until_next_poll(self, next_poll: float) -> float:
+        """Seconds to the next poll: the regular one, or earlier when a verdict falls due."""
+        now, wake = self.clocks.monotonic(), next_poll
+        if self.attempt is not None:
+            due = decision.stall_deadline(self.attempt, self.policy)
+            if due is not None and due > now:  # a deadline already past waits for the poll
+                wake = min(wake, due + 0.001)
+        return max(0.0, wake - now)
+
+    def _when_written(
+        self, mtime: float | None, now: float, previous: float | None
+    ) -> float | None:
+        """The log's last write on the monotonic clock, clamped to this poll interval, so a
+        wall-clock jump can shift it by at most one interval."""
+        if mtime is None:
+            return None
+        written = now - (self.clocks.wall() - mtime)
+        return min(now, max(previous if previous is not None else now, written))
 
     def _status(self) -> TrainerStatus | None:
         """The trainer's status; None when it cannot be known this poll (logged once)."""
@@ -225,18 +277,23 @@ class Watchdog:
             self.log.info("trainer_reachable")
         return status
 
-    def _gpu_utilization(self) -> tuple[int, ...] | None:
+    def _gpu_reading(self) -> tuple[tuple[int, ...] | None, tuple[float | None, ...] | None]:
+        """Utilisation and power per watched GPU; (None, None) without a GPU signal."""
         if self.gpu is None:
-            return None
+            return None, None
         reading = self.gpu.sample()
         if reading is None or reading.error is not None or not reading.samples:
-            return None
-        return tuple(sample.utilization_percent for sample in reading.samples)
+            return None, None
+        return (
+            tuple(sample.utilization_percent for sample in reading.samples),
+            tuple(sample.power_watts for sample in reading.samples),
+        )
 
     # -- runs and attempts -------------------------------------------------------------------
 
     def _select_run(self, paths: RunPaths | None) -> None:
         self.paths = paths
+        self._cadence = Cadence()  # another run steps at its own pace
         if paths is None:
             return
         self.follower = LogFollower(paths.train_log)
@@ -277,7 +334,9 @@ class Watchdog:
         self.follower.start_at_end()
         self.outputs.poll()
         self._writes = TreeWrites()
-        self.attempt = decision.started(self.clocks.monotonic())
+        # The run's cadence outlives one attempt: a restart does not change how it steps.
+        learned = self.attempt.cadence if self.attempt else self._cadence
+        self.attempt = decision.started(self.clocks.monotonic(), learned)
         self._attempt_key = key
         if source != "sidecar":
             self._note_resume_pointer()
@@ -314,6 +373,12 @@ class Watchdog:
                 "training_completed", reason="final model already present", launched=False
             )
             return EXIT_COMPLETED
+        try:
+            self._run_lock = RunLock(self.paths.state_dir)
+            self._run_lock.acquire()
+        except (RunLockHeld, OSError) as error:
+            self.log.error("configuration_invalid", reason=str(error))
+            return EXIT_ERROR
         if self._budget_spent():
             return self._give_up("restart budget already spent in an earlier session")
         try:
@@ -377,22 +442,34 @@ class Watchdog:
         """Process mode ends with the run; container modes idle until the next one."""
         if self.restarter is not None and self.restarter.exits_with_run:
             return code
-        self.attempt = None
+        self._forget_attempt()
         return None
 
     def _recover(self, verdict: Verdict) -> int | None:
         assert self.restarter is not None
-        if self.restarter.stop_before_rewrite and not self._stop_trainer():
+        retrying = self._pending_recovery is not None  # the trainer was stopped last time
+        if self.restarter.stop_before_rewrite and not retrying and not self._stop_trainer():
             return self._run_over(EXIT_GAVE_UP)
         if self._budget_spent():
             return self._give_up(f"restart budget of {self.settings.max_restarts} spent")
-        # Stopped first: nothing writes any more, so no settling is needed.
-        settle = 0.0 if self.restarter.stop_before_rewrite else self.settings.checkpoint_settle
+        # No settling: a stalled trainer wrote nothing for the whole stall timeout and a
+        # crashed or stopped one writes nothing at all, so every file is as complete as it
+        # will get — and a wall clock that jumped cannot make a good checkpoint look fresh.
         try:
-            checkpoint = self._choose_and_point(settle=settle)
-        except (NoCheckpointLeft, TrainScriptError, OSError) as error:
+            checkpoint = self._choose_and_point(settle=0.0)
+        except NoCheckpointLeft as error:
             self.log.error("restart_failed", reason=str(error))
             return self._give_up(str(error))
+        except (TrainScriptError, OSError) as error:
+            # A full disk, a read-only volume, a train.sh being edited: nothing was changed
+            # (the rewrite is atomic), and the next poll tries again.
+            self._pending_recovery = verdict
+            if str(error) != self._last_recovery_error:
+                self._last_recovery_error = str(error)
+                self.log.error("restart_failed", reason=str(error), retrying="every poll")
+            return None
+        self._pending_recovery = None
+        self._last_recovery_error = None
         self.ledger.record_recovery(verdict.kind.value, verdict.reason, checkpoint)
         self._save_ledger()
         delay = self._backoff_delay()
@@ -411,12 +488,17 @@ class Watchdog:
             return self._give_up(str(error))
         if not self.restarter.relaunches:
             # The runtime's restart policy brings it back; _maybe_begin sees it return.
-            self.attempt = None
+            self._forget_attempt()
             self._awaiting_restart_until = self.clocks.monotonic() + self.settings.startup_grace
             return None
         self._begin_attempt(source="sidecar", key=self._status_key())
         self._log_restarted(reason=verdict.kind.value, checkpoint=checkpoint)
         return None
+
+    def _forget_attempt(self) -> None:
+        if self.attempt is not None:
+            self._cadence = self.attempt.cadence
+        self.attempt = None
 
     def _stop_trainer(self) -> bool:
         assert self.restarter is not None

@@ -31,6 +31,9 @@ FAST_SETTINGS = {
     "SIDECAR_MAX_RESTARTS": "3",
     "SIDECAR_LOG_FORMAT": "json",
     "SIDECAR_ECHO_TRAINER_OUTPUT": "false",
+    # A fixed port would make sidecars of concurrent tests collide; the tests of the HTTP
+    # surface choose a free one.
+    "SIDECAR_HTTP_PORT": "0",
 }
 FAST_SIMULATION = {
     "SIM_STEPS_PER_EPOCH": "4",

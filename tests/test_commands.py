@@ -115,7 +115,12 @@ def Path_name(path):
 def test_healthcheck_follows_the_heartbeat(tmp_path):
     """healthcheck fails with no or a stale heartbeat and passes with a fresh one."""
     beat = tmp_path / "beat"
-    env = {**os.environ, "SIDECAR_HEARTBEAT_FILE": str(beat), "SIDECAR_POLL_INTERVAL": "1s"}
+    env = {
+        **os.environ,
+        "SIDECAR_HEARTBEAT_FILE": str(beat),
+        "SIDECAR_POLL_INTERVAL": "1s",
+        "SIDECAR_HTTP_PORT": "0",  # no endpoint: the file itself is read
+    }
     command = [sys.executable, "-m", "sidecar", "healthcheck"]
     assert subprocess.run(command, env=env, capture_output=True).returncode == 1
     beat.touch()

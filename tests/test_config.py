@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main
-from sidecar.config import ConfigError, Settings, env_name, load_settings, parse_duration
+from sidecar.config import (
+    ConfigError,
+    Settings,
+    env_name,
+    load_settings,
+    parse_duration,
+    parse_duration_or_auto,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -105,7 +112,8 @@ def readme_default(field):
         return "(unset)"
     if isinstance(value, bool):
         return str(value).lower()
-    if any(getattr(meta, "func", None) is parse_duration for meta in field.metadata):
+    durations = (parse_duration, parse_duration_or_auto)
+    if any(getattr(meta, "func", None) in durations for meta in field.metadata):
         return _duration_text(value)
     if isinstance(value, float):
         return f"{value:g}"
@@ -117,3 +125,12 @@ def _duration_text(seconds):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+def test_a_rule_across_settings_names_the_missing_variable(monkeypatch):
+    """container mode without a trainer container names SIDECAR_TRAINER_CONTAINER."""
+    monkeypatch.setenv("SIDECAR_RESTART_MODE", "container")
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert "SIDECAR_TRAINER_CONTAINER" in str(raised.value)
+    assert "SIDECAR_? " not in str(raised.value)

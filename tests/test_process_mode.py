@@ -224,3 +224,61 @@ def test_detect_only_mode_reports_and_does_not_act(fluxgym):
         trainer.wait()
     assert events[-1]["event"] == "stall_detected"
     assert fluxgym.train_script.read_text() == original
+
+
+def test_restarted_sidecar_adopts_its_running_trainer_instead_of_starting_a_second(fluxgym):
+    """A sidecar SIGKILLed while its trainer runs: the next one adopts that trainer (no second
+    trainer), and a second sidecar on the same run is refused."""
+    env = {
+        **os.environ,
+        **fluxgym.env({**FAST_SIMULATION, "SIM_FAULTS": "hang_idle@step=3"}),
+        **FAST_SETTINGS,
+        "SIDECAR_STALL_TIMEOUT": "3s",
+        "SIDECAR_TRAIN_SCRIPT": str(fluxgym.train_script),
+        "SIDECAR_HEARTBEAT_FILE": str(fluxgym.root / "heartbeat"),
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not simulator_processes(fluxgym):
+        time.sleep(0.1)
+    trainers = {p.pid for p in simulator_processes(fluxgym)}
+    assert trainers, "trainer never started"
+    first.kill()  # SIGKILL: no chance to stop its trainer
+    first.communicate()
+    assert {p.pid for p in simulator_processes(fluxgym)} == trainers, "the trainer survived"
+
+    second = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    events = read_events_until(second, "trainer_adopted")
+    third = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert third.returncode == 1, third.stdout
+    assert "already supervises this run" in third.stdout
+    events += read_events_until(second, "trainer_restarted")
+    second.send_signal(signal.SIGTERM)
+    second.communicate(timeout=30)
+    names = [event["event"] for event in events]
+    assert names.index("trainer_adopted") < names.index("stall_detected"), names
+    assert not trainers & {p.pid for p in simulator_processes(fluxgym)}, "adopted trainer stopped"
+
+
+def read_events_until(process, name, timeout=60):
+    events = []
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        events.append(json.loads(line))
+        if events[-1]["event"] == name:
+            return events
+    raise AssertionError(f"no {name}; saw {[e['event'] for e in events]}")

@@ -34,8 +34,9 @@ def wait_exit(trainer, timeout=30):
     raise AssertionError("trainer did not exit")
 
 
-def test_both_pipes_are_drained_into_the_log_and_echo(tmp_path):
-    """A trainer printing far more than a pipe buffer on both streams never blocks."""
+def test_output_goes_to_the_log_and_is_echoed(tmp_path):
+    """A trainer printing far more than a pipe buffer on both streams never blocks; all of it
+    lands in train.log and is echoed."""
     echo = io.BytesIO()
     trainer = restarter(
         tmp_path,
@@ -44,7 +45,7 @@ def test_both_pipes_are_drained_into_the_log_and_echo(tmp_path):
     )
     trainer.start()
     assert wait_exit(trainer) == 0
-    trainer.stop()  # joins the drains
+    trainer.stop()  # echoes what is left
     log = (tmp_path / "out" / "train.log").read_bytes()
     assert log.count(b"o") == 3_000_000 and log.count(b"e") == 3_000_000
     assert len(echo.getvalue()) == 6_000_000
@@ -103,3 +104,37 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_trainer_outlives_the_sidecar(tmp_path):
+    """The trainer writes to a file, not a pipe: a sidecar that dies does not take it along
+    (with a pipe, its next progress line would kill it with SIGPIPE)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.sh"
+    script.write_text("for i in $(seq 200); do echo step $i; sleep 0.02; done\n")
+    launcher = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from sidecar.restarters.process import ProcessRestarter\n"
+        "r = ProcessRestarter(train_script=Path(sys.argv[1]), workdir=Path(sys.argv[2]),"
+        " train_log=Path(sys.argv[2]) / 'train.log', kill_grace=1.0)\n"
+        "r.start(); print(r.pid, flush=True); time.sleep(60)\n"
+    )
+    sidecar = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    trainer_pid = int(sidecar.stdout.readline())
+    sidecar.kill()
+    sidecar.wait()
+    try:
+        deadline = time.monotonic() + 20
+        while _alive(trainer_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "step 200" in (tmp_path / "train.log").read_text()
+    finally:
+        if _alive(trainer_pid):
+            psutil.Process(trainer_pid).kill()

@@ -20,6 +20,7 @@ def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Res
         return None
     if mode == "process":
         from sidecar.restarters.process import ProcessRestarter, default_echo
+        from sidecar.run_lock import TrainerPidFile
 
         assert paths is not None
         return ProcessRestarter(
@@ -29,11 +30,27 @@ def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Res
             kill_grace=settings.kill_grace,
             echo=default_echo() if settings.echo_trainer_output else None,
             log=log.info,
+            pid_file=TrainerPidFile(paths.state_dir),
         )
     if mode == "signal":
         from sidecar.restarters.signal import SignalRestarter
 
         return SignalRestarter(pattern=pattern, kill_grace=settings.kill_grace, log=log.info)
+    if mode == "pod":
+        from sidecar.kubernetes_api import KubernetesGateway
+        from sidecar.restarters.pod import PodRestarter
+
+        assert settings.pod_name and settings.pod_namespace  # checked by the settings model
+        return PodRestarter(
+            pattern=pattern,
+            kill_grace=settings.kill_grace,
+            pod_name=settings.pod_name,
+            namespace=settings.pod_namespace,
+            # Credentials are loaded on the first call, so a pod without a token mounted
+            # reports it as a restart problem instead of failing to start.
+            gateway=KubernetesGateway(log=log),
+            log=log.info,
+        )
     from sidecar.docker_gateway import DockerGateway
 
     gateway = DockerGateway(retry_window=settings.docker_retry_window, log=log)

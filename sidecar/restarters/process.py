@@ -2,9 +2,12 @@
 
 The trainer runs in its own process group so the whole tree (bash, the
 accelerate launcher, the python trainer, dataloader workers) can be signalled at
-once. Both of its pipes are drained continuously by threads: an unread pipe
-fills up and blocks the trainer (sd-scripts issue 536), which would be a hang
-of our own making. What it prints is appended to ``train.log`` and echoed.
+once. Its stdout and stderr are opened on ``train.log`` itself (append mode), not
+on pipes: a pipe that is not drained fills up and blocks the trainer (sd-scripts
+issue 536), and a pipe whose reader dies kills the trainer with SIGPIPE at its
+next progress line — so a crash of the sidecar would take the training down with
+it. A file never blocks and outlives the sidecar; a thread tails it to echo the
+output.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
+import psutil
 import tenacity
 
 from sidecar.process_tree import group_members, terminate_tree, tree_of
 from sidecar.restarters.base import RestartError, TrainerStatus
+from sidecar.run_lock import TrainerPidFile
+from sidecar.trainer_processes import script_runner
 
 _CHUNK = 64 * 1024
 
@@ -43,6 +49,7 @@ class ProcessRestarter:
         log: Callable[..., None] | None = None,
         launch_attempts: int = 3,
         launch_sleep: Callable[[float], None] | None = None,
+        pid_file: TrainerPidFile | None = None,
     ):
         self.train_script = train_script
         self.workdir = workdir
@@ -52,13 +59,27 @@ class ProcessRestarter:
         self._log = log or (lambda *args, **kwargs: None)
         self._launch_attempts = launch_attempts
         self._launch_sleep = launch_sleep
+        self._pid_file = pid_file
+        self._adopted: psutil.Process | None = None  # a trainer an earlier sidecar launched
         self._process: subprocess.Popen[bytes] | None = None
-        self._drains: list[threading.Thread] = []
-        self._write_lock = threading.Lock()
+        self._echo_thread: LogEcho | None = None
 
     # -- Restarter ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Launch train.sh, or adopt the trainer a previous sidecar left running."""
+        survivor = self._pid_file.live_trainer() if self._pid_file else None
+        # Killed between launching and recording the pid: the running script still tells.
+        survivor = survivor or script_runner(str(self.train_script))
+        if survivor is not None:
+            self._adopted = survivor
+            self._log(
+                "trainer_adopted",
+                pid=survivor.pid,
+                reason="launched by an earlier sidecar and still running; watching it "
+                "instead of starting a second trainer",
+            )
+            return
         self._launch_with_retries()
 
     def restart(self) -> None:
@@ -66,40 +87,45 @@ class ProcessRestarter:
         self._launch_with_retries()
 
     def status(self) -> TrainerStatus:
+        if self._adopted is not None:
+            alive = _alive(self._adopted)
+            return TrainerStatus(running=alive, attempt=f"adopted {self._adopted.pid}")
         if self._process is None:
             return TrainerStatus(running=False)
         code = self._process.poll()
         return TrainerStatus(running=code is None, exit_code=code, attempt=str(self._process.pid))
 
     def trainer_pids(self) -> list[int]:
-        if self._process is None:
-            return []
-        return [process.pid for process in tree_of(self._process.pid)]
+        root = self._adopted.pid if self._adopted else self.pid
+        return [process.pid for process in tree_of(root)] if root else []
 
     def stop(self) -> None:
-        process = self._process
-        if process is None:
+        root = self._adopted.pid if self._adopted else self.pid
+        if root is None:
             return
         # The group catches processes whose parent already died (orphaned dataloader workers).
-        tree = {p.pid: p for p in [*tree_of(process.pid), *group_members(process.pid)]}
+        tree = {p.pid: p for p in [*tree_of(root), *group_members(root)]}
         survivors = terminate_tree(
             list(tree.values()),
             grace=self.kill_grace,
-            send_group_signal=lambda signum: self._signal_group(process.pid, signum),
+            send_group_signal=lambda signum: self._signal_group(root, signum),
             on_kill=lambda alive: self._log(
                 "trainer_killed",
                 pids=[p.pid for p in alive],
                 reason=f"still running {self.kill_grace:g} s after SIGTERM",
             ),
         )
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
+        self._adopted = None
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+        if self._echo_thread is not None:
+            self._echo_thread.copy_new()  # the trainer's last words
         if survivors:
             raise RestartError(
                 f"trainer processes {[p.pid for p in survivors]} survived SIGKILL "
                 "(uninterruptible I/O?); not starting a second trainer beside them"
             )
-        self._join_drains()
 
     @property
     def pid(self) -> int | None:
@@ -127,54 +153,20 @@ class ProcessRestarter:
 
     def _launch(self) -> None:
         self.train_log.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.train_log, "ab", buffering=0)  # noqa: SIM115 - owned by drains
-        try:
+        with open(self.train_log, "ab") as log_file:  # the child keeps its own descriptors
             self._process = subprocess.Popen(
                 ["bash", str(self.train_script)],
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: one signal reaches the whole tree
             )
-        except OSError:
-            log_file.close()
-            raise
-        assert self._process.stdout is not None and self._process.stderr is not None
-        remaining = [2]
-        self._drains = [
-            threading.Thread(
-                target=self._drain,
-                args=(stream, log_file, remaining),
-                name=f"drain-{name}-{self._process.pid}",
-                daemon=True,
-            )
-            for name, stream in (("stdout", self._process.stdout), ("stderr", self._process.stderr))
-        ]
-        for thread in self._drains:
-            thread.start()
-
-    def _drain(self, stream: IO[bytes], log_file: BinaryIO, remaining: list[int]) -> None:
-        descriptor = stream.fileno()
-        try:
-            while chunk := os.read(descriptor, _CHUNK):
-                with self._write_lock:
-                    log_file.write(chunk)
-                    if self._echo is not None:
-                        with contextlib.suppress(OSError, ValueError):
-                            self._echo.write(chunk)
-                            self._echo.flush()
-        finally:
-            stream.close()
-            with self._write_lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    log_file.close()
-
-    def _join_drains(self) -> None:
-        # Once every process holding the pipes is gone the drains see EOF promptly.
-        for thread in self._drains:
-            thread.join(timeout=5)
+        if self._pid_file is not None:
+            self._pid_file.record(self._process.pid)
+        if self._echo is not None and self._echo_thread is None:
+            self._echo_thread = LogEcho(self.train_log, self._echo)
+            self._echo_thread.start()
 
     @staticmethod
     def _signal_group(pid: int, signum: int) -> None:
@@ -182,5 +174,51 @@ class ProcessRestarter:
             os.killpg(pid, signum)
 
 
+class LogEcho(threading.Thread):
+    """Copies what the trainer appends to train.log to the sidecar's stderr."""
+
+    def __init__(self, path: Path, sink: BinaryIO, interval: float = 0.2):
+        super().__init__(name="train-log-echo", daemon=True)
+        self.path = path
+        self.sink = sink
+        self.interval = interval
+        self._stop_requested = threading.Event()
+        self._lock = threading.Lock()
+        try:
+            self._offset = path.stat().st_size  # earlier runs' output was echoed then
+        except FileNotFoundError:
+            self._offset = 0
+
+    def run(self) -> None:
+        while not self._stop_requested.wait(self.interval):
+            self.copy_new()
+
+    def copy_new(self) -> None:
+        with self._lock:
+            self._copy_new()
+
+    def _copy_new(self) -> None:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                while chunk := handle.read(_CHUNK):
+                    self._offset += len(chunk)
+                    with contextlib.suppress(OSError, ValueError):
+                        self.sink.write(chunk)
+                        self.sink.flush()
+        except FileNotFoundError:
+            return
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+
 def default_echo() -> BinaryIO:
     return sys.stderr.buffer
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

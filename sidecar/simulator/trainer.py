@@ -27,6 +27,8 @@ Cadence and faults come from environment variables, read once at start:
 ``SIM_STEPS_PER_EPOCH``  optimizer steps per epoch (default 4); stands in for
                          images x repeats / batch size.
 ``SIM_STEP_SECONDS``     wall time of one step (default 0.05).
+``SIM_STEP_JITTER``      each step takes SIM_STEP_SECONDS x a random factor in
+                         [1 - jitter, 1 + jitter] (default 0: every step alike).
 ``SIM_STARTUP_SECONDS``  silent model loading and caching before step 1 (default 0.2).
 ``SIM_SAVE_SECONDS``     time to write one state folder, spread between its files and
                          through the middle of each binary file, so a scanner can catch a
@@ -89,6 +91,7 @@ class Cadence:
 
     steps_per_epoch: int = 4
     step_seconds: float = 0.05
+    step_jitter: float = 0.0
     startup_seconds: float = 0.2
     save_seconds: float = 0.0
     sample_seconds: float = 0.1
@@ -104,6 +107,7 @@ class Cadence:
         return cls(
             steps_per_epoch=steps,
             step_seconds=_environ_number(environ, "SIM_STEP_SECONDS", defaults.step_seconds),
+            step_jitter=min(1.0, _environ_number(environ, "SIM_STEP_JITTER", 0.0)),
             startup_seconds=_environ_number(
                 environ, "SIM_STARTUP_SECONDS", defaults.startup_seconds
             ),
@@ -721,7 +725,8 @@ class SimulatedTraining:
             self._suffer_after_step(0)  # "stuck at steps 0%" hangs fire here
         for _ in range(self.plan.steps_per_epoch):
             self.gpu.show(GpuActivity.TRAINING)
-            self.sleep(self.cadence.step_seconds)
+            jitter = self.cadence.step_jitter
+            self.sleep(self.cadence.step_seconds * random.uniform(1 - jitter, 1 + jitter))
             self.global_step += 1
             bar.update(f"avr_loss={self.loss.next_average():2.3g}")
             self._suffer_after_step(self.global_step)

@@ -1,0 +1,102 @@
+"""Running the real sidecar on a simulated FluxGym tree, for tests and benchmarks.
+
+Settings here are seconds where production uses minutes, so a whole hang-and-recover
+cycle takes a few seconds of wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sidecar.simulator.fluxgym_tree import FluxgymTree
+
+FAST_SETTINGS = {
+    "SIDECAR_POLL_INTERVAL": "0.2s",
+    "SIDECAR_STALL_TIMEOUT": "2s",
+    "SIDECAR_GPU_IDLE_TIMEOUT": "1h",
+    "SIDECAR_STARTUP_GRACE": "4s",
+    "SIDECAR_KILL_GRACE": "2s",
+    "SIDECAR_RESTART_BACKOFF": "0s",
+    "SIDECAR_CHECKPOINT_SETTLE": "0.5s",
+    "SIDECAR_MAX_RESTARTS": "3",
+    "SIDECAR_LOG_FORMAT": "json",
+    "SIDECAR_ECHO_TRAINER_OUTPUT": "false",
+    # Concurrent sidecars would collide on a fixed port.
+    "SIDECAR_HTTP_PORT": "0",
+}
+FAST_SIMULATION = {
+    "SIM_STEPS_PER_EPOCH": "4",
+    "SIM_STEP_SECONDS": "0.05",
+    "SIM_STARTUP_SECONDS": "0.2",
+    "SIM_SAMPLE_SECONDS": "0.05",
+}
+
+
+@dataclass
+class SidecarRun:
+    exit_code: int
+    events: list[dict[str, Any]]
+    stderr: str
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [event for event in self.events if event["event"] == name]
+
+    def names(self) -> list[str]:
+        return [event["event"] for event in self.events]
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """An event's timestamp as POSIX seconds."""
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def sidecar_environment(
+    tree: FluxgymTree,
+    *,
+    settings: dict[str, str] | None = None,
+    simulation: dict[str, str] | None = None,
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        **tree.env({**FAST_SIMULATION, **(simulation or {})}),
+        **FAST_SETTINGS,
+        "SIDECAR_TRAIN_SCRIPT": str(tree.train_script),
+        "SIDECAR_HEARTBEAT_FILE": str(tree.root / "heartbeat"),
+        **(settings or {}),
+    }
+
+
+def run_sidecar(
+    tree: FluxgymTree,
+    *,
+    settings: dict[str, str] | None = None,
+    simulation: dict[str, str] | None = None,
+    timeout: float = 90,
+) -> SidecarRun:
+    """``python -m sidecar run`` as a real process on the tree, its JSON events parsed.
+
+    Raises ``subprocess.TimeoutExpired`` (after killing the sidecar's session) when it
+    does not finish in time.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=sidecar_environment(tree, settings=settings, simulation=simulation),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        raise
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return SidecarRun(process.returncode, events, stderr)
