@@ -143,6 +143,10 @@ class Watchdog:
         if self.attempt is None:
             self._maybe_begin(status)
             return None
+        if status is None and self.restarter is not None:
+            # The trainer cannot be seen this poll (daemon down, container gone): no verdict
+            # on a run we cannot observe, and nothing spent on a recovery that cannot work.
+            return None
         if status is not None and self._replaced_underneath(status):
             # Restarted by someone else between two polls (a restart policy after a crash):
             # a new attempt, resuming from wherever train.sh pointed.
@@ -683,7 +687,7 @@ class Watchdog:
             return {}
         pids = self.restarter.trainer_pids()
         if not pids:
-            return {"trainer_processes": 0}
+            return {}  # not visible from here (container mode without a shared namespace)
         usage = usage_of([process for pid in pids for process in tree_of(pid)][: 4 * len(pids)])
         return {
             "trainer_processes": usage.processes,
