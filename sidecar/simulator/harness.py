@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import psutil
 
 from sidecar.simulator.fluxgym_tree import FluxgymTree
 
@@ -50,6 +53,9 @@ class SidecarRun:
     def names(self) -> list[str]:
         return [event["event"] for event in self.events]
 
+    def seconds_between(self, first: dict[str, Any], second: dict[str, Any]) -> float:
+        return event_time(second) - event_time(first)
+
 
 def event_time(event: dict[str, Any]) -> float:
     """An event's timestamp as POSIX seconds."""
@@ -78,6 +84,7 @@ def run_sidecar(
     settings: dict[str, str] | None = None,
     simulation: dict[str, str] | None = None,
     timeout: float = 90,
+    command: str = "run",
 ) -> SidecarRun:
     """``python -m sidecar run`` as a real process on the tree, its JSON events parsed.
 
@@ -85,7 +92,7 @@ def run_sidecar(
     does not finish in time.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
+        [sys.executable, "-m", "sidecar", command],
         env=sidecar_environment(tree, settings=settings, simulation=simulation),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -94,9 +101,22 @@ def run_sidecar(
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.communicate()
-        raise
+    except subprocess.TimeoutExpired as timeout_error:
+        stop_everything(tree, process.pid)
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(
+            timeout_error.cmd, timeout, output=stdout.encode(), stderr=stderr.encode()
+        ) from None
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     return SidecarRun(process.returncode, events, stderr)
+
+
+def stop_everything(tree: FluxgymTree, sidecar_pid: int) -> None:
+    """SIGKILL a sidecar's session and every process running this tree's trainer."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            ours = os.getsid(process.pid) == sidecar_pid
+            if ours or str(tree.root) in " ".join(process.info["cmdline"] or ()):
+                process.send_signal(signal.SIGKILL)
+        except (psutil.Error, OSError):
+            continue
