@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sidecar.checkpoints import Candidate, choose_checkpoint, find_candidates
 from sidecar.config import Settings
@@ -22,7 +22,7 @@ from sidecar.observability import Observability
 from sidecar.restarters import build_restarter
 from sidecar.resume_plan import rewrite_train_script, script_diff
 from sidecar.run_locator import RunLocator
-from sidecar.run_paths import RunPaths, RunSetupError, read_train_script, resolve_run_paths
+from sidecar.run_paths import RunPaths, RunSetupError, read_train_script
 from sidecar.status_report import build_report, render_text
 from sidecar.watchdog import EXIT_ERROR, Watchdog
 
@@ -98,10 +98,8 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
 def check(settings: Settings, arguments: argparse.Namespace) -> int:
     """Print what the sidecar sees, and every problem; exit 1 when there is one."""
     problems: list[str] = []
-    try:
-        paths = resolve_run_paths(settings)
-    except RunSetupError as error:
-        print(f"problem: {error}")
+    paths = _locate_run(settings, sys.stdout)
+    if paths is None:
         return EXIT_PROBLEM
     _, command = read_train_script(paths.train_script)
     for key, value in _paths_summary(paths).items():
@@ -133,10 +131,8 @@ def check(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def checkpoints(settings: Settings, arguments: argparse.Namespace) -> int:
-    try:
-        paths = resolve_run_paths(settings)
-    except RunSetupError as error:
-        print(f"problem: {error}", file=sys.stderr)
+    paths = _locate_run(settings, sys.stderr)
+    if paths is None:
         return EXIT_PROBLEM
     candidates = _candidates(settings, paths)
     chosen = choose_checkpoint(candidates)
@@ -149,10 +145,8 @@ def checkpoints(settings: Settings, arguments: argparse.Namespace) -> int:
 
 def resume(settings: Settings, arguments: argparse.Namespace) -> int:
     """Resolve the newest complete checkpoint and point train.sh at it, without restarting."""
-    try:
-        paths = resolve_run_paths(settings)
-    except RunSetupError as error:
-        print(f"problem: {error}", file=sys.stderr)
+    paths = _locate_run(settings, sys.stderr)
+    if paths is None:
         return EXIT_PROBLEM
     candidates = _candidates(settings, paths)
     try:
@@ -216,6 +210,19 @@ def status(settings: Settings, arguments: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     print(report.to_json() if arguments.json else render_text(report), end="")
     return 0
+
+
+def _locate_run(settings: Settings, stream: TextIO) -> RunPaths | None:
+    """The run these commands look at (a fixed train.sh, or the active one under an outputs
+    root), or None after printing the problem."""
+    try:
+        paths = RunLocator(settings, re.compile(settings.trainer_pattern)).current()
+    except RunSetupError as error:
+        print(f"problem: {error}", file=stream)
+        return None
+    if paths is None:
+        print(f"problem: no <run>/train.sh under {settings.output_dir} yet", file=stream)
+    return paths
 
 
 def _candidates(settings: Settings, paths: RunPaths) -> list[Candidate]:

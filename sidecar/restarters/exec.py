@@ -15,9 +15,8 @@ from typing import Any
 
 from sidecar.docker_gateway import DockerError, DockerGateway
 from sidecar.restarters.base import RestartError, TrainerStatus
-from sidecar.restarters.signal import stop_processes
+from sidecar.restarters.signal import SignalRestarter
 from sidecar.run_paths import RunPaths
-from sidecar.trainer_processes import attempt_key, find_trainer_processes
 
 
 class ExecRestarter:
@@ -42,6 +41,7 @@ class ExecRestarter:
         self.pattern = pattern
         self.kill_grace = kill_grace
         self._log = log or (lambda *args, **kwargs: None)
+        self._processes = SignalRestarter(pattern=pattern, kill_grace=kill_grace, log=log)
         self._exec_id: str | None = None
         self.script = self.workdir = self.train_log = ""
 
@@ -59,16 +59,16 @@ class ExecRestarter:
             raise RestartError(str(error)) from error
 
     def status(self) -> TrainerStatus:
-        processes = find_trainer_processes(self.pattern)
-        if processes:
-            return TrainerStatus(running=True, attempt=attempt_key(processes))
+        seen = self._processes.status()  # the training processes, in the shared namespace
+        if seen.running:
+            return seen
         return TrainerStatus(running=False, exit_code=self._own_exit_code())
 
     def trainer_pids(self) -> list[int]:
-        return sorted(process.pid for process in find_trainer_processes(self.pattern))
+        return self._processes.trainer_pids()
 
     def stop(self) -> None:
-        stop_processes(self.pattern, self.kill_grace, self._log)
+        self._processes.stop()
 
     def restart(self) -> None:
         self.stop()
