@@ -79,7 +79,13 @@ def run_demo(*, keep: bool = False) -> int:
 
 
 def _watch(train_script: Path, env: dict[str, str]) -> list[dict[str, Any]]:
-    env = {**os.environ, **env, "SIDECAR_TRAIN_SCRIPT": str(train_script)}
+    env = {
+        **os.environ,
+        **env,
+        "SIDECAR_TRAIN_SCRIPT": str(train_script),
+        # Its own heartbeat: a real sidecar on this machine keeps the default one.
+        "SIDECAR_HEARTBEAT_FILE": str(train_script.parent / ".sidecar" / "heartbeat"),
+    }
     command = [sys.executable, "-m", "sidecar", "run"]
     events: list[dict[str, Any]] = []
     with subprocess.Popen(
