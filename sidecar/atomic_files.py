@@ -26,8 +26,11 @@ def replace_atomically(path: Path, content: str, *, mode: int | None = None) -> 
 
     The permission bits of an existing file are kept (train.sh may be executable),
     unless ``mode`` is given. On any error the original file is left untouched and
-    the temporary file is removed.
+    the temporary file is removed. A symlink is followed: its target gets the new content
+    and the link stays (``os.replace`` on the link itself would turn it into a plain file and
+    leave the linked script, the one the user edits, unchanged).
     """
+    path = Path(os.path.realpath(path))
     try:
         if read_text_exact(path) == content:
             return False

@@ -236,6 +236,10 @@ def _assess(
         problems.append(_still_written(now - newest))
     if kind == "final":
         problems.insert(0, FINAL_STATE_PROBLEM)
+    if "\n" in folder.name:
+        # train.sh cannot name it safely (quote_word refuses): choosing it would stall the
+        # recovery on a rewrite that can never succeed.
+        problems.append("name contains a newline; it cannot be written into train.sh")
     return Candidate(
         path=folder,
         kind=kind,

@@ -13,7 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_STEP_BAR = re.compile(r"steps:\s*\d{1,3}%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
+# Only a bar described exactly "steps" (tqdm starts every redraw with \r, so the description
+# follows \r, \n or the start): sd-scripts' "validation steps" bar counts something else. The
+# total must be followed by the space tqdm writes after it, so a bar cut mid-number by a
+# read of a growing log is not taken for a smaller total.
+_STEP_BAR = re.compile(r"(?<![^\r\n])steps:\s*\d{1,3}%\|[^|\r\n]*\|\s*(\d+)/(\d+)(?=\s)")
 _EPOCH_BANNER = re.compile(r"^\s*epoch (\d+)/(\d+)\s*$")
 
 

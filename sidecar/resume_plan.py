@@ -31,12 +31,21 @@ class ResumeChoice:
 
 
 def choose_resume_point(
-    candidates: Sequence[Candidate], ledger: Ledger, *, allow_scratch: bool
+    candidates: Sequence[Candidate],
+    ledger: Ledger,
+    *,
+    allow_scratch: bool,
+    after_failure: bool = True,
 ) -> ResumeChoice:
-    """Pick the checkpoint for the next attempt, updating the ledger's failure counts."""
+    """Pick the checkpoint for the next attempt, updating the ledger's failure counts.
+
+    ``after_failure`` False (a sidecar starting up, not a failed attempt) counts nothing
+    against the checkpoint the last attempt resumed from: a restart of the sidecar says
+    nothing about that checkpoint.
+    """
     quarantined_now: list[str] = []
     best = _best(candidates, ledger)
-    if best is not None and _is_the_one_resumed(best, ledger):
+    if after_failure and best is not None and _is_the_one_resumed(best, ledger):
         failed_from = str(best.path)
         if ledger.record_failed_resume(failed_from):
             quarantined_now.append(failed_from)

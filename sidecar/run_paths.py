@@ -9,6 +9,7 @@ working directory.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,11 @@ class RunPaths:
 def read_train_script(path: Path) -> tuple[str, TrainCommand]:
     """The script text and its parsed trainer command, or a RunSetupError saying what is wrong."""
     try:
+        # Opening a FIFO blocks until someone writes to it: look before reading.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise RunSetupError(
+                f"train script {path} is not a regular file; expected FluxGym's train.sh"
+            )
         text = read_text_exact(path)
     except FileNotFoundError:
         raise RunSetupError(f"train script {path} does not exist (SIDECAR_TRAIN_SCRIPT)") from None

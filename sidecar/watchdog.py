@@ -8,6 +8,7 @@ watching again when a trainer appears.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -388,6 +389,8 @@ class Watchdog:
         try:
             self._prepare_first_launch()
             self.restarter.start()
+        except NoCheckpointLeft as error:
+            return self._give_up(str(error))
         except (RestartError, TrainScriptError, OSError) as error:
             self.log.error("restart_failed", reason=str(error), attempt="initial launch")
             return EXIT_ERROR
@@ -468,8 +471,8 @@ class Watchdog:
             # A full disk, a read-only volume, a train.sh being edited: nothing was changed
             # (the rewrite is atomic), and the next poll tries again.
             self._pending_recovery = verdict
-            if str(error) != self._last_recovery_error:
-                self._last_recovery_error = str(error)
+            if _problem_of(error) != self._last_recovery_error:
+                self._last_recovery_error = _problem_of(error)
                 self.log.error("restart_failed", reason=str(error), retrying="every poll")
             return None
         self._pending_recovery = None
@@ -520,30 +523,34 @@ class Watchdog:
         status = self._status()
         return status.attempt if status else None
 
-    def _choose_and_point(self, *, settle: float) -> str | None:
-        """Resolve the checkpoint, rewrite train.sh; the chosen checkpoint (sidecar view)."""
+    def _choose_and_point(self, *, settle: float, after_failure: bool = True) -> str | None:
+        """Resolve the checkpoint, rewrite train.sh; the chosen checkpoint (sidecar view).
+
+        The ledger's updates (the failed resume counted, quarantine, backoff) are kept only
+        once train.sh points at the choice: a rewrite that failed (a full disk) is retried
+        every poll, and a retry must not count the same failed resume again.
+        """
         assert self.paths is not None
+        ledger = copy.deepcopy(self.ledger)
         candidates = self._candidates(settle)
-        choice = choose_resume_point(
-            candidates, self.ledger, allow_scratch=self.settings.fallback == "scratch"
-        )
-        for path in choice.quarantined_now:
-            self.log.warning(
-                "checkpoint_quarantined",
-                checkpoint=path,
-                failures=self.ledger.resume_failures.get(path),
-                reason="resuming from it failed again before a newer checkpoint appeared",
+        try:
+            choice = choose_resume_point(
+                candidates,
+                ledger,
+                allow_scratch=self.settings.fallback == "scratch",
+                after_failure=after_failure,
             )
+        except NoCheckpointLeft:
+            self.ledger = ledger  # giving up: keep the quarantine that led to it
+            raise
         chosen = str(choice.checkpoint.path) if choice.checkpoint else None
         completed_at = choice.checkpoint.completed_at if choice.checkpoint else None
         same_as_before = (chosen, completed_at) == (
-            self.ledger.current_checkpoint,
-            self.ledger.current_checkpoint_completed_at,
+            ledger.current_checkpoint,
+            ledger.current_checkpoint_completed_at,
         )
         # Back off harder only while recoveries find nothing newer to resume from.
-        self.ledger.consecutive_failures = (
-            self.ledger.consecutive_failures + 1 if same_as_before else 0
-        )
+        ledger.consecutive_failures = ledger.consecutive_failures + 1 if same_as_before else 0
         self.log.info(
             "checkpoint_selected",
             checkpoint=chosen,
@@ -553,8 +560,16 @@ class Watchdog:
             rejected=_rejections(candidates, choice.checkpoint),
         )
         self._point_script_at(chosen, reason=choice.reason)
-        self.ledger.current_checkpoint = chosen
-        self.ledger.current_checkpoint_completed_at = completed_at
+        ledger.current_checkpoint = chosen
+        ledger.current_checkpoint_completed_at = completed_at
+        self.ledger = ledger
+        for path in choice.quarantined_now:
+            self.log.warning(
+                "checkpoint_quarantined",
+                checkpoint=path,
+                failures=ledger.resume_failures.get(path),
+                reason="resuming from it failed again before a newer checkpoint appeared",
+            )
         return chosen
 
     def _ensure_save_state(self) -> None:
@@ -650,7 +665,7 @@ class Watchdog:
         candidates = self._candidates(self.settings.checkpoint_settle)
         if any(candidate.complete for candidate in candidates) or self.ledger.current_checkpoint:
             # An earlier attempt left checkpoints: resume rather than redo its work.
-            self._choose_and_point(settle=self.settings.checkpoint_settle)
+            self._choose_and_point(settle=self.settings.checkpoint_settle, after_failure=False)
         elif self.settings.ensure_save_state:
             self._point_script_at(
                 None, reason="added --save_state: without it sd-scripts writes nothing resumable"
@@ -734,6 +749,14 @@ class Watchdog:
                 self.restarter.stop()
             except RestartError as error:
                 self.log.error("restart_failed", reason=str(error))
+
+
+def _problem_of(error: Exception) -> str:
+    """A failure without the file it names: an OSError from the atomic rewrite names a new
+    random temporary file on every retry, and the same problem must be logged only once."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{type(error).__name__}: {error.strerror}"
+    return str(error)
 
 
 def _rejections(candidates: list[Candidate], chosen: Candidate | None) -> list[dict[str, Any]]:

@@ -163,7 +163,15 @@ class ProcessRestarter:
                 start_new_session=True,  # own process group: one signal reaches the whole tree
             )
         if self._pid_file is not None:
-            self._pid_file.record(self._process.pid)
+            try:
+                self._pid_file.record(self._process.pid)
+            except OSError as error:
+                # The trainer runs: a full or read-only state folder must not make the launch
+                # look failed, or the retry would start a second trainer beside it. A restarted
+                # sidecar still finds this one by its command line.
+                self._log(
+                    "trainer_pid_not_recorded", path=str(self._pid_file.path), error=str(error)
+                )
         if self._echo is not None and self._echo_thread is None:
             self._echo_thread = LogEcho(self.train_log, self._echo)
             self._echo_thread.start()
