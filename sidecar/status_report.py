@@ -28,7 +28,9 @@ from sidecar.step_rate import format_duration
 
 # sd-scripts' bar: "steps:  33%|███▎      | 10/30 [08:04<16:08, 48.44s/it, avr_loss=0.407]"
 _BAR = re.compile(
-    r"steps:\s*\d{1,3}%\|[^|\r\n]*\|\s*(?P<step>\d+)/(?P<total>\d+)"
+    # Only the bar described exactly "steps" (not sd-scripts' "validation steps"), as in
+    # sidecar.progress, which gives only N/M; this one also reads tqdm's rate and ETA.
+    r"(?<![^\r\n])steps:\s*\d{1,3}%\|[^|\r\n]*\|\s*(?P<step>\d+)/(?P<total>\d+)"
     r"(?:\s*\[(?P<elapsed>[\d:]+)<(?P<left>[\d:?]+)(?:,\s*(?P<rate>[\d.]+)(?P<unit>s/it|it/s))?)?"
 )
 _TAIL_BYTES = 64 * 1024

@@ -10,6 +10,7 @@ Without kubectl the tests skip on a laptop and fail under CI (env CI set).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -652,6 +654,7 @@ class Handshake:
             folder.mkdir(parents=True)
         self.trainer_script = local_script(rendered.trainer["args"][0], root)
         self.sidecar_script = local_script(rendered.sidecar["args"][0], root)
+        self.started: list[subprocess.Popen[bytes]] = []
         assert rendered.sidecar["command"] == ["tini", "--", "sh", "-c"]
         # A stand-in sidecar: runs until SIGTERM (exit 143, as the real one does), or exits
         # with $FAKE_SIDECAR_EXIT after a moment.
@@ -679,7 +682,19 @@ class Handshake:
         ).returncode
 
     def start_sidecar(self, **extra: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["sh", "-c", self.sidecar_script], env=self.environment(**extra))
+        sidecar = subprocess.Popen(
+            ["sh", "-c", self.sidecar_script],
+            env=self.environment(**extra),
+            start_new_session=True,  # so the fixture can stop its background loops too
+        )
+        self.started.append(sidecar)
+        return sidecar
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
     @property
     def marked(self) -> bool:
@@ -687,8 +702,10 @@ class Handshake:
 
 
 @pytest.fixture
-def handshake(tmp_path: Path) -> Handshake:
-    return Handshake(tmp_path)
+def handshake(tmp_path: Path) -> Iterator[Handshake]:
+    scene = Handshake(tmp_path)
+    yield scene
+    scene.stop_all()
 
 
 def test_pre_129_success_ends_both_containers_with_0(handshake: Handshake):
