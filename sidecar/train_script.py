@@ -359,32 +359,25 @@ class _Lexer:
 
     def _ansi_c_quoted(self) -> str:
         # $'...' is kept as its literal source text; only its extent matters here.
-        opened_at = self.pos
-        self.pos += 2
-        while self.pos < len(self.text):
-            char = self.text[self.pos]
-            if char == "\\":
-                self.pos += 2
-            elif char == "'":
-                self.pos += 1
-                return self.text[opened_at : self.pos]
-            else:
-                self.pos += 1
-        raise self._unterminated("$'...' quote", opened_at)
+        return self._source_until("'", opener_length=2, what="$'...' quote")
 
     def _backquoted(self) -> str:
+        return self._source_until("`", opener_length=1, what="backquote")
+
+    def _source_until(self, closer: str, *, opener_length: int, what: str) -> str:
+        """Skip to ``closer`` (backslash escapes it); the construct's literal source text."""
         opened_at = self.pos
-        self.pos += 1
+        self.pos += opener_length
         while self.pos < len(self.text):
             char = self.text[self.pos]
             if char == "\\":
                 self.pos += 2
-            elif char == "`":
+            elif char == closer:
                 self.pos += 1
                 return self.text[opened_at : self.pos]
             else:
                 self.pos += 1
-        raise self._unterminated("backquote", opened_at)
+        raise self._unterminated(what, opened_at)
 
     def _expansion(self) -> str:
         """Skip ``$(...)``, ``$((...))`` or ``${...}`` with nesting; return its source text."""
