@@ -33,10 +33,10 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_when_event_set,
-    wait_exponential,
-    wait_random,
 )
 from tenacity.stop import stop_base
+
+from sidecar.retry_policy import RetryWindowSpent, api_backoff
 
 T = TypeVar("T")
 
@@ -303,21 +303,6 @@ def _read_text(path: str) -> str:
 # -- retry policy --------------------------------------------------------------------------
 
 
-class _RetryWindowSpent(stop_base):
-    """Stop before a sleep that would end past the window.
-
-    Time spent counts both on the clock and as the sum of the sleeps asked for, so a
-    test's recording ``sleep`` that returns at once still ends after the same schedule.
-    """
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        spent = max(retry_state.seconds_since_start or 0.0, retry_state.idle_for)
-        return spent + retry_state.upcoming_sleep > self.window
-
-
 def _worth_retrying(error: BaseException, *, replay_safe: bool) -> bool:
     if not is_transient(error):
         return False
@@ -582,12 +567,12 @@ class DockerGateway:
         replay_safe: bool = True,
     ) -> T:
         """Run ``action(api)`` with retries on transient failures; translate the rest."""
-        stop: stop_base = _RetryWindowSpent(self.retry_window)
+        stop: stop_base = RetryWindowSpent(self.retry_window)
         if self._stop_event is not None:
             stop = stop | stop_when_event_set(self._stop_event)
         retrying = Retrying(
             retry=retry_if_exception(lambda error: _worth_retrying(error, replay_safe=replay_safe)),
-            wait=wait_exponential(multiplier=0.5, max=10) + wait_random(0, 0.5),
+            wait=api_backoff(),
             stop=stop,
             sleep=self._sleep,
             before_sleep=lambda state: self._log_retry(operation, subject, state),

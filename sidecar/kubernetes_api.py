@@ -24,10 +24,9 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
-    wait_exponential,
-    wait_random,
 )
-from tenacity.stop import stop_base
+
+from sidecar.retry_policy import RetryWindowSpent, api_backoff
 
 T = TypeVar("T")
 
@@ -101,21 +100,6 @@ def load_client_configuration() -> Any:
     # and hide each failure from the log.
     configuration.retries = False
     return configuration
-
-
-class _RetryWindowSpent(stop_base):
-    """Stop before a sleep that would end past the window.
-
-    Time spent counts both on the clock and as the sum of the sleeps asked for, so a
-    test's recording ``sleep`` that returns at once still ends after the same schedule.
-    """
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        spent = max(retry_state.seconds_since_start or 0.0, retry_state.idle_for)
-        return spent + retry_state.upcoming_sleep > self.window
 
 
 class KubernetesGateway:
@@ -201,8 +185,8 @@ class KubernetesGateway:
 
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential(multiplier=0.5, max=10) + wait_random(0, 0.5),
-            stop=_RetryWindowSpent(self.retry_window),
+            wait=api_backoff(),
+            stop=RetryWindowSpent(self.retry_window),
             sleep=self._sleep,
             before_sleep=lambda state: self._log_retry(operation, subject, state),
             reraise=True,
