@@ -8,6 +8,7 @@ sidecar's trainer pattern does not match it — like the kubelet, it is out of r
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +29,25 @@ def main() -> int:
         restarts += 1
         print(f"trainer exited {code}; restart {restarts}", file=sys.stderr, flush=True)
         time.sleep(float(os.environ.get("RESTART_DELAY", "0.5")))
+
+
+def start_runtime(tree, simulation: dict) -> subprocess.Popen:
+    """This stand-in running ``tree``'s train.sh with the simulator settings ``simulation``."""
+    env = {
+        **os.environ,
+        **tree.env(simulation),
+        "TRAIN_SCRIPT": str(tree.train_script),
+        "TRAINER_ROOT": str(tree.root),
+        "TRAIN_LOG": str(tree.output_dir / "train.log"),
+    }
+    return subprocess.Popen(
+        [sys.executable, __file__], env=env, stderr=subprocess.PIPE, start_new_session=True
+    )
+
+
+def tree_pattern(tree) -> str:
+    """A trainer pattern for this tree's processes only: other tests run trainers too."""
+    return re.escape(str(tree.root)) + r"\S*(train\.sh|flux_train_network\.py)"
 
 
 if __name__ == "__main__":

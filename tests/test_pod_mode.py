@@ -29,6 +29,7 @@ import pytest
 import structlog
 from conftest import FAST_SETTINGS, FAST_SIMULATION, kill_everything
 from fake_kube_api import TOKEN, FakeKubeApi
+from restart_policy import start_runtime, tree_pattern
 from structlog.testing import capture_logs
 
 from sidecar.config import ConfigError, Settings, load_settings
@@ -40,7 +41,6 @@ from sidecar.train_script import parse_train_script
 
 NAMESPACE = "training"
 POD = "fluxgym-train-x7k2q"
-POLICY = Path(__file__).with_name("restart_policy.py")
 
 
 @pytest.fixture
@@ -304,17 +304,8 @@ class PodScene:
     def start_pod(self, name: str, faults: str) -> None:
         self.api.pods.add((NAMESPACE, name))
         self.deleted.clear()
-        env = {
-            **os.environ,
-            **self.tree.env({**FAST_SIMULATION, "SIM_FAULTS": faults}),
-            "TRAIN_SCRIPT": str(self.tree.train_script),
-            "TRAINER_ROOT": str(self.tree.root),
-            "TRAIN_LOG": str(self.tree.output_dir / "train.log"),
-        }
-        self.runtime = subprocess.Popen(
-            [sys.executable, str(POLICY)], env=env, stderr=subprocess.PIPE, start_new_session=True
-        )
-        pattern = re.escape(str(self.tree.root)) + r"\S*(train\.sh|flux_train_network\.py)"
+        self.runtime = start_runtime(self.tree, {**FAST_SIMULATION, "SIM_FAULTS": faults})
+        pattern = tree_pattern(self.tree)
         sidecar_env = {
             **os.environ,
             **FAST_SETTINGS,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST_SETTINGS, FAST_SIMULATION, kill_everything
+from restart_policy import start_runtime, tree_pattern
 
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.train_script import parse_train_script
 
 pytestmark = pytest.mark.slow
-POLICY = Path(__file__).with_name("restart_policy.py")
 
 
 class Scene:
@@ -34,20 +33,10 @@ class Scene:
         self.tree = build_fluxgym_tree(
             root, extra_trainer_args="--save_every_n_steps 6 --save_state"
         )
-        env = {
-            **os.environ,
-            **self.tree.env(
-                {**FAST_SIMULATION, "SIM_FAULTS": faults, "SIM_STEP_SECONDS": step_seconds}
-            ),
-            "TRAIN_SCRIPT": str(self.tree.train_script),
-            "TRAINER_ROOT": str(self.tree.root),
-            "TRAIN_LOG": str(self.tree.output_dir / "train.log"),
-        }
-        self.runtime = subprocess.Popen(
-            [sys.executable, str(POLICY)], env=env, stderr=subprocess.PIPE, start_new_session=True
+        self.runtime = start_runtime(
+            self.tree, {**FAST_SIMULATION, "SIM_FAULTS": faults, "SIM_STEP_SECONDS": step_seconds}
         )
-        # Only this tree's processes: other tests on the machine run trainers too.
-        pattern = re.escape(str(self.tree.root)) + r"\S*(train\.sh|flux_train_network\.py)"
+        pattern = tree_pattern(self.tree)
         sidecar_env = {
             **os.environ,
             **FAST_SETTINGS,
