@@ -33,8 +33,8 @@ from pathlib import Path
 
 import psutil
 
-from sidecar.checkpoints import find_candidates
-from sidecar.file_checks import check_safetensors
+from sidecar.checkpoints.file_checks import check_safetensors
+from sidecar.checkpoints.scan import find_candidates
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.simulator.harness import FAST_SETTINGS, event_time, run_sidecar
 from sidecar.simulator.trainer import safetensors_bytes, torch_archive_bytes

@@ -20,7 +20,7 @@ simulator's own run counter must agree). The soak exits 1 unless:
 - the ledger's restart count equals the restarts logged, and never were two trainers running.
 
     python benchmarks/soak.py                  # about 30 minutes, 24 faults
-    python benchmarks/soak.py --minutes 3      # the short version tests/test_soak.py runs
+    python benchmarks/soak.py --minutes 3      # the short version tests/hardening/test_soak.py runs
     python benchmarks/soak.py --seed 7 --keep  # another plan; keep the run folder to inspect
 """
 
@@ -42,7 +42,7 @@ from typing import Any, cast
 
 import psutil
 
-from sidecar.ledger import LedgerStore
+from sidecar.run.ledger import LedgerStore
 from sidecar.simulator.faults import Fault, FaultKind, format_faults
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import event_time, sidecar_environment

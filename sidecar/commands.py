@@ -12,18 +12,18 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from sidecar.checkpoints import Candidate, choose_checkpoint, find_candidates
+from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
 from sidecar.config import Settings
-from sidecar.gpu import NvmlGpuMonitor
-from sidecar.http_surface import heartbeat_health, probe
-from sidecar.ledger import LedgerError, LedgerStore
 from sidecar.log_setup import configure_logging, get_logger
-from sidecar.observability import Observability
+from sidecar.observe.gpu import NvmlGpuMonitor
+from sidecar.recover.resume_plan import rewrite_train_script, script_diff
 from sidecar.restarters import build_restarter
-from sidecar.resume_plan import rewrite_train_script, script_diff
-from sidecar.run_locator import RunLocator
-from sidecar.run_paths import RunPaths, RunSetupError, read_train_script
-from sidecar.status_report import build_report, render_text
+from sidecar.run.ledger import LedgerError, LedgerStore
+from sidecar.run.locator import RunLocator
+from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
+from sidecar.surface.http_server import heartbeat_health, probe
+from sidecar.surface.observability import Observability
+from sidecar.surface.status_report import build_report, render_text
 from sidecar.watchdog import EXIT_ERROR, Watchdog
 
 EXIT_PROBLEM = 1
@@ -161,7 +161,7 @@ def resume(settings: Settings, arguments: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     trainer_path = paths.path_map.to_trainer(str(chosen.path))
     if arguments.dry_run:
-        from sidecar.train_script import ensure_option, set_resume
+        from sidecar.trainers.sd_scripts.train_script import ensure_option, set_resume
 
         old, _ = read_train_script(paths.train_script)
         new = ensure_option(old, "--save_state") if settings.ensure_save_state else old

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sidecar.path_map import PathMap, PathMapError
-from sidecar.trainer_processes import DEFAULT_TRAINER_PATTERN
+from sidecar.observe.trainer_processes import DEFAULT_TRAINER_PATTERN
+from sidecar.run.path_map import PathMap, PathMapError
 
 ENV_PREFIX = "SIDECAR_"
 

@@ -16,28 +16,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar import decision
-from sidecar.cadence import AdaptiveTimeout, Cadence
-from sidecar.checkpoints import Candidate, choose_checkpoint, find_candidates
+from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
 from sidecar.config import Settings
-from sidecar.decision import Observation, Phase, Policy, RunState, Verdict, VerdictKind
-from sidecar.gpu import GpuMonitor
-from sidecar.ledger import Ledger, LedgerStore
-from sidecar.log_follower import LogFollower
-from sidecar.output_activity import OutputWatcher
-from sidecar.process_tree import TreeWrites, tree_of, usage_of
-from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
-from sidecar.resume_plan import (
+from sidecar.decide import decision
+from sidecar.decide.cadence import AdaptiveTimeout, Cadence
+from sidecar.decide.decision import Observation, Phase, Policy, RunState, Verdict, VerdictKind
+from sidecar.observe.gpu import GpuMonitor
+from sidecar.observe.log_follower import LogFollower
+from sidecar.observe.output_activity import OutputWatcher
+from sidecar.observe.process_tree import TreeWrites, tree_of, usage_of
+from sidecar.recover.resume_plan import (
     KEEP_RESUME,
     NoCheckpointLeft,
     choose_resume_point,
     rewrite_train_script,
     script_diff,
 )
-from sidecar.run_locator import RunLocator
-from sidecar.run_lock import RunLock, RunLockHeld
-from sidecar.run_paths import RunPaths, RunSetupError, read_train_script
-from sidecar.train_script import TrainScriptError
+from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
+from sidecar.run.ledger import Ledger, LedgerStore
+from sidecar.run.locator import RunLocator
+from sidecar.run.lock import RunLock, RunLockHeld
+from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
+from sidecar.trainers.sd_scripts.train_script import TrainScriptError
 
 EXIT_COMPLETED = 0
 EXIT_ERROR = 1

@@ -7,7 +7,7 @@ from typing import Any
 
 from sidecar.config import Settings
 from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
-from sidecar.run_paths import RunPaths
+from sidecar.run.paths import RunPaths
 
 __all__ = ["RestartError", "Restarter", "TrainerStatus", "build_restarter"]
 
@@ -20,7 +20,7 @@ def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Res
         return None
     if mode == "process":
         from sidecar.restarters.process import ProcessRestarter, default_echo
-        from sidecar.run_lock import TrainerPidFile
+        from sidecar.run.lock import TrainerPidFile
 
         assert paths is not None
         return ProcessRestarter(
@@ -37,7 +37,7 @@ def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Res
 
         return SignalRestarter(pattern=pattern, kill_grace=settings.kill_grace, log=log.info)
     if mode == "pod":
-        from sidecar.kubernetes_api import KubernetesGateway
+        from sidecar.clients.kubernetes_api import KubernetesGateway
         from sidecar.restarters.pod import PodRestarter
 
         assert settings.pod_name and settings.pod_namespace  # checked by the settings model
@@ -51,7 +51,7 @@ def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Res
             gateway=KubernetesGateway(log=log),
             log=log.info,
         )
-    from sidecar.docker_gateway import DockerGateway
+    from sidecar.clients.docker_engine import DockerGateway
 
     gateway = DockerGateway(retry_window=settings.docker_retry_window, log=log)
     project = settings.compose_project or gateway.own_compose_project()

@@ -8,7 +8,7 @@ restart policy would no longer apply).
 
 from __future__ import annotations
 
-from sidecar.docker_gateway import ContainerInfo, DockerError, DockerGateway
+from sidecar.clients.docker_engine import ContainerInfo, DockerError, DockerGateway
 from sidecar.restarters.base import RestartError, TrainerStatus
 
 

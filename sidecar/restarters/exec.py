@@ -13,10 +13,10 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.docker_gateway import DockerError, DockerGateway
+from sidecar.clients.docker_engine import DockerError, DockerGateway
 from sidecar.restarters.base import RestartError, TrainerStatus
 from sidecar.restarters.signal import SignalRestarter
-from sidecar.run_paths import RunPaths
+from sidecar.run.paths import RunPaths
 
 
 class ExecRestarter:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.kubernetes_api import KubernetesError, KubernetesGateway
+from sidecar.clients.kubernetes_api import KubernetesError, KubernetesGateway
 from sidecar.restarters.base import RestartError, TrainerStatus
 from sidecar.restarters.signal import SignalRestarter
 

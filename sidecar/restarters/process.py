@@ -24,10 +24,10 @@ from typing import BinaryIO
 import psutil
 import tenacity
 
-from sidecar.process_tree import group_members, terminate_tree, tree_of
+from sidecar.observe.process_tree import group_members, terminate_tree, tree_of
+from sidecar.observe.trainer_processes import script_runner
 from sidecar.restarters.base import RestartError, TrainerStatus
-from sidecar.run_lock import TrainerPidFile
-from sidecar.trainer_processes import script_runner
+from sidecar.run.lock import TrainerPidFile
 
 _CHUNK = 64 * 1024
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import psutil
 
-from sidecar.process_tree import terminate_tree
+from sidecar.observe.process_tree import terminate_tree
+from sidecar.observe.trainer_processes import attempt_key, find_trainer_processes
 from sidecar.restarters.base import RestartError, TrainerStatus
-from sidecar.trainer_processes import attempt_key, find_trainer_processes
 
 
 class SignalRestarter:

@@ -1,0 +1,1 @@
+"""Finding resumable state on the outputs volume and telling complete from partial."""

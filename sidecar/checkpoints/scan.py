@@ -1,0 +1,298 @@
+"""Find the state folders a stalled run can resume from, and pick the newest complete one.
+
+sd-scripts saves resumable state with accelerate into immediate subfolders of
+``--output_dir`` (REFERENCE sections 2 and 3). Nothing marks a folder complete,
+``train_state.json`` is written first rather than last, old folders are deleted
+while we look, and after a resume the step numbers in the names restart at 0.
+So a folder counts only when every file is present, structurally intact and
+has stopped changing, and "newest" means newest completion time, never the
+highest number in the name.
+
+The scan does one directory listing per folder and reads only file headers
+(see ``file_checks``); it never walks deeper than one level below the folders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeAlias
+
+from sidecar.checkpoints.file_checks import inspect_state_file
+
+CandidateKind = Literal["epoch", "step", "final", "accelerate"]
+
+FINAL_STATE_PROBLEM = "end-of-training state: sd-scripts cannot resume from it"
+
+_Named: TypeAlias = tuple[CandidateKind, int | None]  # kind, and the number in the name
+_ACCELERATE: _Named = ("accelerate", None)
+
+# Files accelerate's save_state writes, in its order; the numbered "_<i>" forms are
+# the extra models, optimizers, schedulers and dataloaders, and one random state per process.
+_WEIGHTS = re.compile(r"(?:model(?:_\d+)?\.safetensors|pytorch_model(?:_\d+)?\.bin)")
+_STATE_FILE = re.compile(
+    r"train_state\.json"
+    r"|model(?:_\d+)?\.safetensors|pytorch_model(?:_\d+)?\.bin"
+    r"|(?:optimizer|scheduler|sampler|dl_state_dict)(?:_\d+)?\.bin"
+    r"|scaler\.pt"
+    r"|(?:random_states|custom_checkpoint)_\d+\.pkl"
+)
+# Any of these makes an otherwise unnamed folder an accelerate state folder.
+_ACCELERATE_MARKER = re.compile(
+    r"(?:optimizer|scheduler)(?:_\d+)?\.bin|random_states_\d+\.pkl|" + _WEIGHTS.pattern
+)
+_PRIMARY_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_REQUIRED = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+
+# Folders in output_dir that are never state: FluxGym's sample images, and hidden
+# ones such as the sidecar's own .sidecar.
+_NOT_STATE_FOLDERS = frozenset({"sample"})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One folder that sd-scripts or accelerate could resume from, and whether it is whole."""
+
+    path: Path
+    kind: CandidateKind
+    number: int | None  # epoch or step from the name; None for final/accelerate
+    complete: bool
+    problems: tuple[str, ...]  # why not complete, each naming its file; empty when complete
+    completed_at: float | None  # newest st_mtime among its files (wall clock)
+    step: int | None  # current_step from train_state.json when readable
+    epoch: int | None  # current_epoch from train_state.json when readable
+
+
+@dataclass(frozen=True)
+class _StateNaming:
+    """sd-scripts' state folder names (train_util.py), optionally for one output_name."""
+
+    step: re.Pattern[str]
+    epoch: re.Pattern[str]
+    final: re.Pattern[str]
+
+    @classmethod
+    def for_output_name(cls, output_name: str | None) -> _StateNaming:
+        prefix = ".+" if output_name is None else re.escape(output_name)
+        # {:06d} and {:08d} are minimum widths, so longer numbers are still the same naming.
+        return cls(
+            step=re.compile(rf"{prefix}-step(\d{{8,}})-state"),
+            epoch=re.compile(rf"{prefix}-(\d{{6,}})-state"),
+            final=re.compile(rf"{prefix}-state"),
+        )
+
+    def classify(self, name: str) -> _Named | None:
+        # Step and epoch first: without an output_name, "x-000004-state" also fits final.
+        if match := self.step.fullmatch(name):
+            return "step", int(match[1])
+        if match := self.epoch.fullmatch(name):
+            return "epoch", int(match[1])
+        if self.final.fullmatch(name):
+            return "final", None
+        if self is not _ANY_NAME and _ANY_NAME.classify(name) == ("final", None):
+            # Another output_name's end-of-training state in the same folder: sd-scripts
+            # cannot resume from it either, so it must never be chosen as a plain folder.
+            return "final", None
+        return None
+
+
+_ANY_NAME = _StateNaming.for_output_name(None)
+
+
+def find_candidates(
+    output_dir: Path,
+    *,
+    now: float,
+    settle_seconds: float = 10.0,
+    output_name: str | None = None,
+) -> list[Candidate]:
+    """Every state folder directly in ``output_dir``: complete ones newest first, then the rest.
+
+    ``now`` is the caller's wall clock (compared with file mtimes); a folder whose
+    newest file changed less than ``settle_seconds`` before it is still being written.
+    A missing ``output_dir`` means no state yet and gives an empty list.
+    """
+    naming = _StateNaming.for_output_name(output_name)
+    candidates = []
+    for folder in _state_folder_entries(output_dir):
+        candidate = _examine(folder, naming, now=now, settle_seconds=settle_seconds)
+        if candidate is not None:
+            candidates.append(candidate)
+    return _newest_complete_first(candidates)
+
+
+def choose_checkpoint(
+    candidates: Sequence[Candidate], *, exclude: Collection[Path] = ()
+) -> Candidate | None:
+    """The first complete candidate not in ``exclude`` (e.g. quarantined after a failed resume)."""
+    excluded = {Path(path) for path in exclude}
+    for candidate in candidates:
+        if candidate.complete and candidate.path not in excluded:
+            return candidate
+    return None
+
+
+def _state_folder_entries(output_dir: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(output_dir) as entries:
+            return [entry for entry in entries if _may_hold_state(entry)]
+    except FileNotFoundError:
+        return []
+
+
+def _may_hold_state(entry: os.DirEntry[str]) -> bool:
+    if entry.name.startswith(".") or entry.name in _NOT_STATE_FOLDERS:
+        return False
+    try:
+        # follow_symlinks=False: a link to / or a link loop is neither entered nor escaped through.
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:  # only where the filesystem gives no file type and the entry vanished
+        return False
+
+
+def _examine(
+    entry: os.DirEntry[str], naming: _StateNaming, *, now: float, settle_seconds: float
+) -> Candidate | None:
+    folder = Path(entry.path)
+    named = naming.classify(entry.name)
+    try:
+        files = _list_files(entry.path)
+    except FileNotFoundError:  # removed by --save_last_n_*_state since the listing
+        return None
+    except OSError as error:
+        # Without a state name, only its contents could have made it a candidate.
+        return None if named is None else _unreadable_folder(folder, named, error)
+    if named is None:
+        if not any(_ACCELERATE_MARKER.fullmatch(name) for name in files):
+            return None
+        named = _ACCELERATE
+    candidate = _assess(folder, named, files, now=now, settle_seconds=settle_seconds)
+    if candidate.problems and not _exists(folder):
+        return None  # deleted while we read it; its problems are an artefact of that
+    return candidate
+
+
+def _unreadable_folder(folder: Path, named: _Named, error: OSError) -> Candidate:
+    kind, number = named
+    return Candidate(
+        path=folder,
+        kind=kind,
+        number=number,
+        complete=False,
+        problems=(f"unreadable: {error.strerror or error}",),
+        completed_at=None,
+        step=None,
+        epoch=None,
+    )
+
+
+def _list_files(folder: str) -> dict[str, os.DirEntry[str]]:
+    """The folder's non-hidden entries that are not folders (links to files included)."""
+    with os.scandir(folder) as entries:
+        return {
+            entry.name: entry
+            for entry in entries
+            if not entry.name.startswith(".") and not _is_real_folder(entry)
+        }
+
+
+def _is_real_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _assess(
+    folder: Path,
+    named: _Named,
+    files: dict[str, os.DirEntry[str]],
+    *,
+    now: float,
+    settle_seconds: float,
+) -> Candidate:
+    kind, number = named
+    problems = _missing_files(files.keys())
+    newest: float | None = None
+    epoch = step = None
+    for name in sorted(files):
+        if _STATE_FILE.fullmatch(name):
+            report = inspect_state_file(files[name].path)
+            if report.problem is not None:
+                problems.append(f"{name}: {report.problem}")
+            elif name == "train_state.json":
+                epoch, step = report.epoch, report.step
+            mtime = report.mtime
+        else:
+            mtime = _mtime_of_other_file(files[name])
+        if mtime is not None and (newest is None or mtime > newest):
+            newest = mtime
+    # settle_seconds 0: the caller knows nothing writes (the trainer is stopped or stalled),
+    # so file times — and a wall clock that jumped — do not matter.
+    if newest is not None and settle_seconds > 0 and now - newest < settle_seconds:
+        problems.append(_still_written(now - newest))
+    if kind == "final":
+        problems.insert(0, FINAL_STATE_PROBLEM)
+    if "\n" in folder.name:
+        # train.sh cannot name it safely (quote_word refuses): choosing it would stall the
+        # recovery on a rewrite that can never succeed.
+        problems.append("name contains a newline; it cannot be written into train.sh")
+    return Candidate(
+        path=folder,
+        kind=kind,
+        number=number,
+        complete=not problems,
+        problems=tuple(problems),
+        completed_at=newest,
+        step=step,
+        epoch=epoch,
+    )
+
+
+def _missing_files(names: Collection[str]) -> list[str]:
+    problems = []
+    if not any(weights in names for weights in _PRIMARY_WEIGHTS):
+        problems.append("model weights missing (model.safetensors or pytorch_model.bin)")
+    problems.extend(f"{name} missing" for name in _REQUIRED if name not in names)
+    return problems
+
+
+def _mtime_of_other_file(entry: os.DirEntry[str]) -> float | None:
+    # A file accelerate does not write still counts as a change to the folder, but its
+    # loss (deleted, dangling link) says nothing about the state, so it is not a problem.
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return None
+
+
+def _still_written(age: float) -> str:
+    if age < 0:
+        # A clock step or a network filesystem's skew; wait until it is in the past.
+        return f"still being written (last change {-age:.1f} s in the future)"
+    return f"still being written (last change {age:.1f} s ago)"
+
+
+def _exists(folder: Path) -> bool:
+    try:
+        os.lstat(folder)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _newest_complete_first(candidates: list[Candidate]) -> list[Candidate]:
+    # Name descending first, so equal completion times (coarse mtimes) fall back to the
+    # later name of one run; the stable sort by completion then decides everything else.
+    by_name = sorted(candidates, key=lambda candidate: candidate.path.name, reverse=True)
+    return sorted(
+        by_name,
+        key=lambda candidate: (
+            not candidate.complete,
+            candidate.completed_at is None,
+            -(candidate.completed_at or 0.0),
+        ),
+    )

@@ -1,0 +1,150 @@
+"""Where everything of one run is, as the sidecar sees it, derived once from the settings.
+
+train.sh names paths as the trainer sees them; ``SIDECAR_PATH_MAP`` turns them
+into paths the sidecar can open. Defaults follow FluxGym's layout: the script
+lives at ``<root>/outputs/<name>/train.sh`` and runs with ``<root>`` as its
+working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.atomic_files import read_text_exact
+from sidecar.config import Settings
+from sidecar.run.path_map import PathMap
+from sidecar.trainers.sd_scripts.train_script import (
+    TrainCommand,
+    TrainScriptError,
+    parse_train_script,
+)
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+
+
+class RunSetupError(Exception):
+    """The run cannot be located; the message names the setting to fix."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    train_script: Path
+    output_dir: Path
+    trainer_workdir: Path
+    state_dir: Path
+    train_log: Path
+    output_name: str
+    path_map: PathMap
+
+    def final_model_present(self) -> bool:
+        return any(
+            (self.output_dir / f"{self.output_name}{suffix}").is_file() for suffix in MODEL_SUFFIXES
+        )
+
+
+def read_train_script(path: Path) -> tuple[str, TrainCommand]:
+    """The script text and its parsed trainer command, or a RunSetupError saying what is wrong."""
+    try:
+        # Opening a FIFO blocks until someone writes to it: look before reading.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise RunSetupError(
+                f"train script {path} is not a regular file; expected FluxGym's train.sh"
+            )
+        text = read_text_exact(path)
+    except FileNotFoundError:
+        raise RunSetupError(f"train script {path} does not exist (SIDECAR_TRAIN_SCRIPT)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunSetupError(f"train script {path} cannot be read: {error}") from None
+    try:
+        return text, parse_train_script(text)
+    except TrainScriptError as error:
+        raise RunSetupError(f"train script {path} is not understood: {error}") from None
+
+
+def resolve_run_paths(
+    settings: Settings, *, train_script: Path | None = None, output_dir: Path | None = None
+) -> RunPaths:
+    """The paths of one run; ``train_script``/``output_dir`` name a run found in an outputs root."""
+    script_setting = train_script or settings.train_script
+    if script_setting is None:
+        raise RunSetupError(
+            "SIDECAR_TRAIN_SCRIPT (--train-script) is required: the path of train.sh "
+            "(or SIDECAR_OUTPUT_DIR pointing at an outputs root with <run>/train.sh folders)"
+        )
+    script = script_setting.absolute()
+    _, command = read_train_script(script)
+    path_map = settings.path_mapping
+    workdir = (settings.trainer_workdir or default_workdir(script)).absolute()
+    if settings.restart_mode == "exec" and settings.trainer_workdir is None:
+        # train.sh is launched inside the trainer's container: its root, in its view.
+        workdir = default_workdir(Path(path_map.to_trainer(str(script))))
+    if output_dir is None:
+        output_dir = settings.output_dir or _output_dir_from_script(
+            command, path_map, script, workdir
+        )
+    check_write_scope(output_dir)
+    state_dir = (
+        settings.state_dir if settings.state_dir and train_script is None else None
+    ) or output_dir / ".sidecar"
+    return RunPaths(
+        train_script=script,
+        output_dir=output_dir.absolute(),
+        trainer_workdir=workdir,  # in the view of whoever launches train.sh
+        state_dir=state_dir.absolute(),
+        train_log=(settings.train_log or output_dir / "train.log").absolute(),
+        output_name=command.output_name or "last",  # sd-scripts' own default name
+        path_map=path_map,
+    )
+
+
+# The sidecar writes into the output folder (its ledger, train.log, incident reports): a
+# train.sh whose --output_dir names one of these is refused rather than obeyed.
+_SYSTEM_FOLDERS = tuple(
+    Path(p)
+    for p in (
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/proc",
+        "/sbin",
+        "/sys",
+        "/usr",
+    )
+)
+
+
+def check_write_scope(output_dir: Path) -> None:
+    """Refuse an output folder the sidecar must never write into."""
+    real = Path(os.path.realpath(output_dir))
+    if real == Path(real.anchor) or any(real.is_relative_to(s) for s in _SYSTEM_FOLDERS):
+        raise RunSetupError(
+            f"refusing output folder {output_dir} (resolves to {real}): the sidecar writes its "
+            "ledger and logs there; expected the run's own folder, e.g. <fluxgym>/outputs/<name>"
+        )
+
+
+def default_workdir(script: Path) -> Path:
+    """FluxGym runs train.sh from its root, where ``sd-scripts/`` is relative to."""
+    run_folder = script.parent
+    if run_folder.parent.name == "outputs":
+        return run_folder.parent.parent
+    return run_folder
+
+
+def _output_dir_from_script(
+    command: TrainCommand, path_map: PathMap, script: Path, workdir: Path
+) -> Path:
+    if command.output_dir:
+        mapped = Path(path_map.to_sidecar(command.output_dir))
+        if not mapped.is_absolute():  # relative to the trainer's working directory
+            mapped = workdir / mapped
+        if mapped.is_dir():
+            return mapped
+    return script.parent

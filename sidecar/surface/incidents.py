@@ -1,0 +1,401 @@
+"""Incident bundles: what a hung trainer looked like, saved before it is killed.
+
+After the restart nobody can ask the hung processes anything any more, so the
+``before_stop`` hook saves ``<state dir>/incidents/<UTC timestamp>/`` first:
+
+- ``verdict.json``   the verdict, its reason and figures;
+- ``train.log.tail`` the end of the trainer's log;
+- ``processes.json`` / ``processes.txt``  the trainer's process tree: state and kernel wait
+  channel of every process and thread (a dataloader worker blocked on a pipe, a thread in a
+  futex, a process in uninterruptible I/O), CPU times and I/O counters;
+- ``gpu.json``       an NVML reading, when NVML is there;
+- ``stacks/<pid>.txt`` the Python stacks of the trainer's Python processes, from
+  ``py-spy dump``, when py-spy is installed and allowed to attach (same UID and ptrace
+  permitted; in a container, CAP_SYS_PTRACE);
+- ``manifest.json``  what was captured, what was not and why, how long it took.
+
+It costs recovery at most ``budget`` seconds (5 s): the slow parts (reading /proc of a
+process in uninterruptible sleep can block, py-spy can take seconds) run on a worker thread
+that is abandoned at the deadline, and what it gathered so far is written. Every file has a
+size cap, so a bundle stays under ~3 MB, and only the newest ``keep`` bundles are kept.
+A bundle appears under its final name only when complete (written as a hidden folder,
+then renamed), so ``status`` never lists half a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from sidecar import __version__
+from sidecar.decide.decision import Verdict
+from sidecar.observe.gpu import GpuMonitor
+from sidecar.observe.log_follower import tail_text
+from sidecar.observe.process_tree import tree_of
+
+INCIDENTS_FOLDER = "incidents"
+LOG_TAIL_BYTES = 256 * 1024
+STACK_BYTES = 256 * 1024
+MAX_PROCESSES = 64
+MAX_THREADS = 32  # per process; a trainer has a few dozen (CUDA, dataloader, pin-memory)
+MAX_PYSPY_PROCESSES = 8
+_CMDLINE_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class IncidentSources:
+    """Where to look, resolved when a stall happens (the watched run can change)."""
+
+    state_dir: Path
+    train_log: Path
+    pids: Sequence[int]
+
+
+class IncidentRecorder:
+    """The watchdog's ``before_stop`` hook."""
+
+    def __init__(
+        self,
+        sources: Callable[[], IncidentSources | None],
+        *,
+        keep: int,
+        gpu: GpuMonitor | None = None,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+        budget: float = 5.0,
+        py_spy: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """``py_spy``: the py-spy executable (``shutil.which("py-spy")``), or None."""
+        self._sources = sources
+        self.keep = keep
+        self._gpu = gpu
+        self._log = log or structlog.get_logger("sidecar")
+        self.budget = budget
+        self._py_spy = py_spy
+        self._clock = clock
+
+    def __call__(self, verdict: Verdict, figures: dict[str, Any]) -> None:
+        self.save(verdict, figures)
+
+    def save(self, verdict: Verdict, figures: dict[str, Any]) -> Path | None:
+        """The bundle's folder; None when bundles are off or no run is watched."""
+        if self.keep <= 0:
+            return None
+        sources = self._sources()
+        if sources is None:
+            return None
+        started = self._clock()
+        deadline = started + self.budget
+        pieces: dict[str, str] = {}
+        skipped: dict[str, str] = {}
+        pieces["verdict.json"] = _json(
+            {
+                "kind": verdict.kind.value,
+                "reason": verdict.reason,
+                "figures": figures,
+                "saved_at": _utc_now().isoformat(timespec="seconds"),
+                "host": socket.gethostname(),
+                "sidecar_version": __version__,
+                "pids": list(sources.pids),
+            }
+        )
+        # NVML on this (the loop's) thread: its handles are the loop's, and it answers in ms.
+        self._gpu_piece(pieces, skipped)
+        worker = threading.Thread(
+            target=self._gather,
+            args=(sources, deadline, pieces, skipped),
+            name="incident",
+            daemon=True,
+        )
+        worker.start()
+        worker.join(max(deadline - self._clock(), 0.0))
+        if worker.is_alive():
+            skipped["unfinished"] = f"still gathering at the {self.budget:g} s deadline"
+        folder = self._write(
+            sources.state_dir / INCIDENTS_FOLDER, dict(pieces), dict(skipped), started
+        )
+        return folder
+
+    # -- gathering (worker thread; may be abandoned) ---------------------------------------
+
+    def _gather(
+        self,
+        sources: IncidentSources,
+        deadline: float,
+        pieces: dict[str, str],
+        skipped: dict[str, str],
+    ) -> None:
+        try:
+            pieces["train.log.tail"] = tail_text(sources.train_log, LOG_TAIL_BYTES)
+        except OSError as error:
+            skipped["train.log.tail"] = str(error)
+        processes = _trainer_processes(sources.pids)
+        table = [_describe(process) for process in processes[:MAX_PROCESSES]]
+        pieces["processes.json"] = _json(table)
+        pieces["processes.txt"] = _process_table(table)
+        if len(processes) > MAX_PROCESSES:
+            skipped["processes"] = f"{len(processes) - MAX_PROCESSES} more processes not shown"
+        if self._py_spy is None:
+            skipped["stacks"] = "py-spy is not installed"
+            return
+        pythons = [row["pid"] for row in table if _is_python(row)][:MAX_PYSPY_PROCESSES]
+        if not pythons:
+            skipped["stacks"] = "no Python process in the trainer's tree"
+            return
+        for pid, text in _py_spy_dumps(self._py_spy, pythons, deadline - 0.3, self._clock):
+            pieces[f"stacks/{pid}.txt"] = text[-STACK_BYTES:]
+
+    def _gpu_piece(self, pieces: dict[str, str], skipped: dict[str, str]) -> None:
+        reading = None
+        if self._gpu is not None:
+            try:
+                reading = self._gpu.sample()
+            except Exception as error:  # a report must not fail on a GPU glitch
+                skipped["gpu.json"] = repr(error)
+                return
+        if reading is None:
+            skipped["gpu.json"] = "NVML unavailable"
+            return
+        pieces["gpu.json"] = _json(
+            {"error": reading.error, "samples": [asdict(sample) for sample in reading.samples]}
+        )
+
+    # -- writing (the hook's own thread) -----------------------------------------------------
+
+    def _write(
+        self, incidents: Path, pieces: dict[str, str], skipped: dict[str, str], started: float
+    ) -> Path:
+        name = _unique_name(incidents)
+        work = incidents / f".{name}.partial"
+        (work / "stacks").mkdir(parents=True, exist_ok=True)
+        for relative, text in pieces.items():
+            (work / relative).write_text(text, encoding="utf-8", errors="replace")
+        if not any((work / "stacks").iterdir()):
+            (work / "stacks").rmdir()
+        files = {
+            str(path.relative_to(work)): path.stat().st_size
+            for path in sorted(work.rglob("*"))
+            if path.is_file()
+        }
+        seconds = round(self._clock() - started, 3)
+        manifest = {"files": files, "skipped": skipped, "seconds": seconds}
+        (work / "manifest.json").write_text(_json(manifest), encoding="utf-8")
+        folder = incidents / name
+        os.replace(work, folder)
+        pruned = prune(incidents, self.keep)
+        self._log.info(
+            "incident_saved",
+            path=str(folder),
+            seconds=seconds,
+            bytes=sum(files.values()),
+            files=sorted(files),
+            skipped=skipped or None,
+            pruned=len(pruned) or None,
+        )
+        return folder
+
+
+def prune(incidents: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` bundles, and any half-written leftovers."""
+    try:
+        leftovers = [p for p in incidents.iterdir() if p.is_dir() and p.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    bundles = list_bundles(incidents)
+    removed = leftovers + bundles[: max(len(bundles) - keep, 0)]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def list_bundles(incidents: Path) -> list[Path]:
+    """Complete bundles, oldest first (their names are UTC timestamps)."""
+    try:
+        found = [p for p in incidents.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    return sorted(found, key=_bundle_order)
+
+
+def _bundle_order(folder: Path) -> tuple[str, int]:
+    """``20250101T031502Z-10`` after ``-2``: a second bundle in one second gets a number."""
+    stamp, _, number = folder.name.partition("-")
+    return stamp, int(number) if number.isdigit() else 1
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _trainer_processes(pids: Sequence[int]) -> list[psutil.Process]:
+    seen: dict[int, psutil.Process] = {}
+    for pid in pids:
+        for process in tree_of(pid):
+            seen.setdefault(process.pid, process)
+    return list(seen.values())
+
+
+def _describe(process: psutil.Process) -> dict[str, Any]:
+    row: dict[str, Any] = {"pid": process.pid}
+    try:
+        with process.oneshot():
+            row["ppid"] = process.ppid()
+            row["name"] = process.name()
+            row["status"] = process.status()
+            row["cmdline"] = " ".join(process.cmdline())[:_CMDLINE_CHARS]
+            times = process.cpu_times()
+            row["cpu_user_seconds"] = times.user
+            row["cpu_system_seconds"] = times.system
+            row["memory_rss_bytes"] = process.memory_info().rss
+            row["num_threads"] = process.num_threads()
+            row["io"] = _io(process)
+            row["context_switches"] = process.num_ctx_switches()._asdict()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        row["status"] = "gone"
+        return row
+    except psutil.AccessDenied as error:
+        row["access_denied"] = str(error)
+    row["wchan"] = _proc_text(f"/proc/{process.pid}/wchan")
+    row["threads"] = _threads(process.pid)
+    return row
+
+
+def _io(process: psutil.Process) -> dict[str, int] | None:
+    try:
+        return dict(process.io_counters()._asdict())
+    except (psutil.AccessDenied, AttributeError):
+        return None  # another UID, or a platform without /proc/<pid>/io
+
+
+def _threads(pid: int) -> list[dict[str, Any]]:
+    """State and wait channel of each thread: where a hang is, the kernel often knows."""
+    try:
+        tids = sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
+    except (FileNotFoundError, PermissionError, NotADirectoryError):
+        return []
+    threads = []
+    for tid in tids[:MAX_THREADS]:
+        stat = _proc_text(f"/proc/{pid}/task/{tid}/stat") or ""
+        # "tid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ")"
+        name = stat[stat.find("(") + 1 : stat.rfind(")")] if ")" in stat else None
+        state = stat[stat.rfind(")") + 2 :].split(" ", 1)[0] if ")" in stat else None
+        threads.append(
+            {
+                "tid": tid,
+                "name": name,
+                "state": state,
+                "wchan": _proc_text(f"/proc/{pid}/task/{tid}/wchan"),
+            }
+        )
+    return threads
+
+
+def _proc_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(4096).strip() or None
+    except OSError:
+        return None
+
+
+def _process_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'PID':>7} {'PPID':>7} {'STATUS':<10} {'WCHAN':<24} {'CPU s':>8} "
+        f"{'READ B':>12} {'WRITE B':>12}  COMMAND"
+    ]
+    for row in rows:
+        io = row.get("io") or {}
+        cpu = row.get("cpu_user_seconds", 0.0) + row.get("cpu_system_seconds", 0.0)
+        lines.append(
+            f"{row['pid']:>7} {row.get('ppid', '?'):>7} {row.get('status', '?'):<10} "
+            f"{(row.get('wchan') or '-')[:24]:<24} {cpu:>8.2f} "
+            f"{io.get('read_bytes', '-'):>12} {io.get('write_bytes', '-'):>12}  "
+            f"{row.get('cmdline', row.get('name', ''))[:120]}"
+        )
+        for thread in row.get("threads", []):
+            lines.append(
+                f"{'':>7} {'':>7}   thread {thread['tid']} {thread['state'] or '?'} "
+                f"{thread['wchan'] or '-'} {thread['name'] or ''}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _is_python(row: dict[str, Any]) -> bool:
+    first = str(row.get("cmdline", "")).split(" ", 1)[0]
+    return "python" in Path(first).name or "python" in str(row.get("name", ""))
+
+
+# -- py-spy ----------------------------------------------------------------------------------
+
+
+def find_py_spy() -> str | None:
+    """py-spy beside this interpreter (the same virtualenv, activated or not), else on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+def _py_spy_dumps(
+    executable: str, pids: list[int], deadline: float, clock: Callable[[], float]
+) -> list[tuple[int, str]]:
+    """``py-spy dump --pid`` for each process at once, each cut off at the deadline."""
+    running: list[tuple[int, subprocess.Popen[str]]] = []
+    for pid in pids:
+        try:
+            process = subprocess.Popen(
+                [executable, "dump", "--pid", str(pid)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+        except OSError as error:
+            return [(pid, f"py-spy could not start: {error}\n")]
+        running.append((pid, process))
+    results = []
+    for pid, process in running:
+        try:
+            output, _ = process.communicate(timeout=max(deadline - clock(), 0.05))
+            if process.returncode != 0:
+                output = f"py-spy exited {process.returncode} (not permitted to attach?)\n{output}"
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            output = f"py-spy cut off at the incident deadline\n{output or ''}"
+        results.append((pid, output))
+    return results
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _unique_name(incidents: Path) -> str:
+    base = _utc_now().strftime("%Y%m%dT%H%M%SZ")
+    name, number = base, 1
+    while (incidents / name).exists():
+        number += 1
+        name = f"{base}-{number}"
+    return name
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str) + "\n"

@@ -1,0 +1,162 @@
+"""Wires the trail around one watchdog: metrics, the HTTP surface, webhooks, incident bundles
+and the live progress line.
+
+``commands.run`` builds one :class:`Observability` from the settings before anything logs
+(its processors must be in the logging chain from the first event), attaches it to the
+watchdog once that exists, and closes it on the way out. Each part is optional and none
+of them can stop a recovery: the HTTP surface and webhooks run on their own threads, the
+incident hook is bounded in time and the watchdog catches its errors.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import structlog
+from prometheus_client import CollectorRegistry, disable_created_metrics
+
+from sidecar.config import Settings
+from sidecar.observe.gpu import GpuMonitor
+from sidecar.surface.http_server import SurfaceServer, heartbeat_health, start_http_surface
+from sidecar.surface.incidents import IncidentRecorder, IncidentSources, find_py_spy
+from sidecar.surface.live_line import ProgressLine, wanted
+from sidecar.surface.metrics import (
+    CheckpointAge,
+    EventCounters,
+    GpuTap,
+    PollTimer,
+    SnapshotCollector,
+)
+from sidecar.surface.notifications import WebhookNotifier, WebhookTarget
+from sidecar.surface.step_rate import StepRate
+from sidecar.watchdog import Watchdog
+
+
+class Observability:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
+        self.settings = settings
+        # The *_created series (a counter's creation time) only double the exposition here.
+        disable_created_metrics()
+        self.registry = registry or CollectorRegistry()
+        self.counters = EventCounters(self.registry)
+        self.poll_timer = PollTimer(self.registry)
+        self.rate = StepRate()
+        self.watchdog: Watchdog | None = None
+        self.server: SurfaceServer | None = None
+        self.gpu: GpuTap | None = None
+        self.notifier = (
+            WebhookNotifier(
+                WebhookTarget(
+                    settings.webhook_url, settings.webhook_header_map, settings.webhook_secret
+                ),
+                run_name=self._run_name,
+            )
+            if settings.webhook_url
+            else None
+        )
+        stderr = stderr or sys.stderr
+        self.progress = (
+            ProgressLine(stderr) if wanted(settings, stdout or sys.stdout, stderr) else None
+        )
+
+    def observers(self) -> list[structlog.typing.Processor]:
+        """Processors for ``configure_logging``: they watch every event, in this order."""
+        watching: list[structlog.typing.Processor] = [self.counters]
+        if self.notifier is not None:
+            watching.append(self.notifier)
+        if self.progress is not None:
+            watching.append(self.progress)
+        return watching
+
+    def wrap_gpu(self, gpu: GpuMonitor) -> GpuTap:
+        self.gpu = GpuTap(gpu)
+        return self.gpu
+
+    def incident_recorder(self, log: Any) -> IncidentRecorder:
+        return IncidentRecorder(
+            self._incident_sources,
+            keep=self.settings.incidents_keep,
+            gpu=self.gpu,
+            log=log,
+            py_spy=find_py_spy(),
+        )
+
+    def attach(self, watchdog: Watchdog, log: Any) -> None:
+        """Start serving and sending; raises OSError when the HTTP port cannot be bound."""
+        self.watchdog = watchdog
+        self.registry.register(
+            SnapshotCollector(
+                snapshot=watchdog.snapshot,
+                paths=lambda: watchdog.paths,
+                speed=lambda: self.rate.speed(time.monotonic()),
+                mode=self.settings.restart_mode,
+                max_restarts=self.settings.max_restarts,
+                gpu=self.gpu,
+                gpu_max_age=max(30.0, 5 * self.settings.poll_interval),
+                checkpoint_age=CheckpointAge(settle_seconds=self.settings.checkpoint_settle),
+            )
+        )
+        if self.notifier is not None:
+            self.notifier.start()
+        if self.settings.http_port:
+            self.server = start_http_surface(
+                port=self.settings.http_port,
+                registry=self.registry,
+                health=lambda: heartbeat_health(self.settings),
+                ready=lambda: watchdog.ready,
+                log=log,
+            )
+            log.info(
+                "http_listening",
+                port=self.server.port,
+                endpoints=["/healthz", "/readyz", "/metrics"],
+            )
+
+    def on_poll(self) -> None:
+        """After each poll, on the loop's thread: feed the rate, time the poll, draw the line."""
+        watchdog = self.watchdog
+        if watchdog is None:
+            return
+        view = watchdog.snapshot()
+        now = time.monotonic()
+        if view["phase"] == "idle" or view["last_step"] is None:
+            self.rate.reset()  # no trainer, or a new attempt that has not stepped yet
+        else:
+            self.rate.observe(now, view["last_step"], view["total_steps"])
+        self.poll_timer.observe(view["last_poll_seconds"])
+        if self.progress is not None:
+            self.progress.update(view["phase"], self.rate.speed(now))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.clear()
+        if self.server is not None:
+            self.server.stop()
+        if self.notifier is not None:
+            self.notifier.close()
+
+    # -- what the parts need from the watched run ------------------------------------------
+
+    def _run_name(self) -> str | None:
+        paths = self.watchdog.paths if self.watchdog else None
+        return paths.output_name if paths else None
+
+    def _incident_sources(self) -> IncidentSources | None:
+        watchdog = self.watchdog
+        if watchdog is None or watchdog.paths is None:
+            return None
+        restarter = watchdog.restarter
+        return IncidentSources(
+            state_dir=watchdog.paths.state_dir,
+            train_log=watchdog.paths.train_log,
+            pids=restarter.trainer_pids() if restarter is not None else [],
+        )

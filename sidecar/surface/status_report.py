@@ -1,0 +1,263 @@
+"""``training-sidecar status``: what happened to the run, for the person reading it in the morning.
+
+Everything comes from files, so it works whether or not a sidecar is running, from any
+shell that sees the output folder: the ledger (``state.json``: restarts, their reasons,
+quarantine, completion), the output folder (checkpoints, the final model), the tail of
+the trainer's log (the step counter and tqdm's own rate and time-left estimate), the
+heartbeat file (is a sidecar watching) and the incident bundles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.checkpoints.scan import choose_checkpoint, find_candidates
+from sidecar.config import Settings
+from sidecar.observe.log_follower import tail_text
+from sidecar.run.ledger import Ledger, LedgerStore
+from sidecar.run.paths import RunPaths
+from sidecar.surface.http_server import heartbeat_health
+from sidecar.surface.incidents import INCIDENTS_FOLDER, list_bundles
+from sidecar.surface.step_rate import format_duration
+
+# sd-scripts' bar: "steps:  33%|███▎      | 10/30 [08:04<16:08, 48.44s/it, avr_loss=0.407]"
+_BAR = re.compile(
+    # Only the bar described exactly "steps" (not sd-scripts' "validation steps"), as in
+    # sidecar.observe.progress, which gives only N/M; this one also reads tqdm's rate and ETA.
+    r"(?<![^\r\n])steps:\s*\d{1,3}%\|[^|\r\n]*\|\s*(?P<step>\d+)/(?P<total>\d+)"
+    r"(?:\s*\[(?P<elapsed>[\d:]+)<(?P<left>[\d:?]+)(?:,\s*(?P<rate>[\d.]+)(?P<unit>s/it|it/s))?)?"
+)
+_TAIL_BYTES = 64 * 1024
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    steps_per_second: float | None
+    eta_seconds: float | None  # tqdm's estimate; after a resume an upper bound (see README)
+
+
+@dataclass
+class StatusReport:
+    run: str
+    train_script: str
+    output_dir: str
+    phase: str  # completed | gave_up | training | quiet | not_started
+    phase_detail: str
+    sidecar_alive: bool
+    sidecar_detail: str
+    progress: Progress | None
+    last_checkpoint: dict[str, Any] | None
+    resumes_from: str | None
+    restarts: int
+    max_restarts: int
+    restarts_by_reason: dict[str, int]
+    recoveries: list[dict[str, Any]]
+    quarantined: list[str]
+    incidents_dir: str
+    incidents: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def build_report(settings: Settings, paths: RunPaths, now: float | None = None) -> StatusReport:
+    """Raises LedgerError when state.json cannot be read."""
+    now = time.time() if now is None else now
+    ledger = LedgerStore(paths.state_dir).load()
+    log_age = _age(paths.train_log, now)
+    phase, detail = _phase(ledger, paths, log_age, settings)
+    health = heartbeat_health(settings, now)
+    incidents_dir = paths.state_dir / INCIDENTS_FOLDER
+    return StatusReport(
+        run=paths.output_name,
+        train_script=str(paths.train_script),
+        output_dir=str(paths.output_dir),
+        phase=phase,
+        phase_detail=detail,
+        sidecar_alive=health.ok,
+        sidecar_detail=health.message,
+        progress=parse_progress(tail_text(paths.train_log, _TAIL_BYTES)),
+        last_checkpoint=_last_checkpoint(settings, paths, ledger, now),
+        resumes_from=ledger.current_checkpoint,
+        restarts=ledger.restarts,
+        max_restarts=settings.max_restarts,
+        restarts_by_reason=dict(Counter(recovery.kind for recovery in ledger.recoveries)),
+        recoveries=[asdict(recovery) for recovery in ledger.recoveries],
+        quarantined=list(ledger.quarantined),
+        incidents_dir=str(incidents_dir),
+        incidents=[_bundle_summary(folder) for folder in reversed(list_bundles(incidents_dir))],
+    )
+
+
+def parse_progress(tail: str) -> Progress | None:
+    """The last step bar in the log's tail, with tqdm's own rate and time-left estimate."""
+    matches = list(_BAR.finditer(tail))
+    if not matches:
+        return None
+    bar = matches[-1]
+    rate = None
+    if bar["rate"]:
+        value = float(bar["rate"])
+        rate = value if bar["unit"] == "it/s" else (1.0 / value if value else None)
+    return Progress(
+        step=int(bar["step"]),
+        total=int(bar["total"]),
+        steps_per_second=rate,
+        eta_seconds=_clock_seconds(bar["left"]) if bar["left"] else None,
+    )
+
+
+def render_text(report: StatusReport, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [
+        f"{'run':<13}{report.run}  ({report.output_dir})",
+        f"{'phase':<13}{report.phase.replace('_', ' ')}: {report.phase_detail}",
+        f"{'sidecar':<13}{'alive' if report.sidecar_alive else 'not seen here'}: "
+        f"{report.sidecar_detail}",
+        f"{'step':<13}{_progress_text(report)}",
+    ]
+    checkpoint = report.last_checkpoint
+    if checkpoint:
+        step = f", step {checkpoint['step']}" if checkpoint.get("step") is not None else ""
+        lines.append(
+            f"{'checkpoint':<13}{checkpoint['name']}{step}, "
+            f"{format_duration(checkpoint['age_seconds'])} ago"
+        )
+    else:
+        lines.append(f"{'checkpoint':<13}none complete yet")
+    if report.resumes_from:
+        lines.append(f"{'resumes from':<13}{Path(report.resumes_from).name}")
+    reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(report.restarts_by_reason.items()))
+    lines.append(
+        f"{'restarts':<13}{report.restarts} of {report.max_restarts}"
+        + (f" ({reasons})" if reasons else "")
+    )
+    for recovery in report.recoveries:
+        source = Path(recovery["checkpoint"]).name if recovery["checkpoint"] else "from scratch"
+        lines.append(f"  {recovery['at']}  {recovery['kind']:<6} {recovery['reason']} -> {source}")
+    lines.append(
+        f"{'quarantined':<13}" + (", ".join(Path(p).name for p in report.quarantined) or "none")
+    )
+    lines.append(f"{'incidents':<13}{len(report.incidents)} in {report.incidents_dir}")
+    for incident in report.incidents:
+        stacks = f", {incident['stacks']} stack dump(s)" if incident["stacks"] else ""
+        lines.append(
+            f"  {incident['name']}  {incident['kind'] or '?':<6} {incident['reason'] or ''}"
+            f"  [{_size(incident['bytes'])}{stacks}]"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+def _phase(
+    ledger: Ledger, paths: RunPaths, log_age: float | None, settings: Settings
+) -> tuple[str, str]:
+    if ledger.completed or paths.final_model_present():
+        return "completed", "the final model is in the output folder"
+    if ledger.gave_up:
+        last = ledger.recoveries[-1].reason if ledger.recoveries else "see the sidecar's log"
+        return "gave_up", f"the sidecar gave up after {ledger.restarts} restart(s); last: {last}"
+    if log_age is None:
+        return "not_started", f"no trainer log at {paths.train_log} yet"
+    if log_age <= settings.stall_timeout_bound:
+        return "training", f"last output {format_duration(log_age)} ago"
+    return "quiet", (
+        f"no output for {format_duration(log_age)} (a stall after "
+        f"{format_duration(settings.stall_timeout_bound)})"
+    )
+
+
+def _progress_text(report: StatusReport) -> str:
+    progress = report.progress
+    if progress is None:
+        return "no step counter in the log yet"
+    percent = 100 * progress.step / progress.total if progress.total else 0
+    parts = [f"{progress.step}/{progress.total} ({percent:.0f}%)"]
+    if progress.steps_per_second:
+        parts.append(_rate_text(progress.steps_per_second))
+    if report.phase in ("training", "not_started") and progress.eta_seconds is not None:
+        parts.append(f"ETA {format_duration(progress.eta_seconds)}")
+    return ", ".join(parts)
+
+
+def _rate_text(steps_per_second: float) -> str:
+    if steps_per_second >= 1:
+        return f"{steps_per_second:.2f} steps/s"
+    return f"{1 / steps_per_second:.1f} s/step"
+
+
+def _last_checkpoint(
+    settings: Settings, paths: RunPaths, ledger: Ledger, now: float
+) -> dict[str, Any] | None:
+    candidates = find_candidates(
+        paths.output_dir,
+        now=now,
+        settle_seconds=settings.checkpoint_settle,
+        output_name=paths.output_name,
+    )
+    newest = choose_checkpoint(candidates, exclude=[Path(p) for p in ledger.quarantined])
+    if newest is None or newest.completed_at is None:
+        return None
+    return {
+        "name": newest.path.name,
+        "path": str(newest.path),
+        "step": newest.step,
+        "completed_at": newest.completed_at,
+        "age_seconds": round(max(now - newest.completed_at, 0.0), 1),
+    }
+
+
+def _bundle_summary(folder: Path) -> dict[str, Any]:
+    verdict = _read_json(folder / "verdict.json")
+    manifest = _read_json(folder / "manifest.json")
+    files = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
+    return {
+        "name": folder.name,
+        "path": str(folder),
+        "kind": verdict.get("kind"),
+        "reason": verdict.get("reason"),
+        "bytes": sum(v for v in files.values() if isinstance(v, int)),
+        "stacks": sum(1 for name in files if name.startswith("stacks/")),
+        "skipped": manifest.get("skipped", {}),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _age(path: Path, now: float) -> float | None:
+    try:
+        return max(now - path.stat().st_mtime, 0.0)
+    except FileNotFoundError:
+        return None
+
+
+def _clock_seconds(text: str) -> float | None:
+    """tqdm's ``16:08`` or ``1:02:03``; ``?`` before it can estimate."""
+    if "?" in text:
+        return None
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+def _size(size: int) -> str:
+    if size >= 1 << 20:
+        return f"{size / (1 << 20):.1f} MB"
+    return f"{size / 1024:.0f} KB" if size >= 1024 else f"{size} B"

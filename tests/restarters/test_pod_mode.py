@@ -1,0 +1,421 @@
+"""Pod mode against a fake Kubernetes API server over real HTTP.
+
+The official client talks to `fake_kube_api.FakeKubeApi` through a kubeconfig, exactly
+as it would to a cluster: deleting the sidecar's own pod, retries on 429/5xx and dropped
+connections (with the sleeps recorded, not slept), and the refusals that no retry can
+fix — 401 and 403 (a missing RBAC rule), 404 — reported once with what to change. The
+last test runs the real sidecar loop in pod mode on a simulated FluxGym run: the stall
+is detected, train.sh is pointed at the newest checkpoint, the pod is deleted, and the
+replacement pod's trainer resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import structlog
+from conftest import FAST_SETTINGS, FAST_SIMULATION, kill_everything
+from fake_kube_api import TOKEN, FakeKubeApi
+from repo_paths import REPO_ROOT
+from restart_policy import start_runtime, tree_pattern
+from structlog.testing import capture_logs
+
+from sidecar.clients.kubernetes_api import KubernetesGateway
+from sidecar.config import ConfigError, Settings, load_settings
+from sidecar.restarters import RestartError, build_restarter
+from sidecar.restarters.pod import PodRestarter
+from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
+from sidecar.trainers.sd_scripts.train_script import parse_train_script
+
+NAMESPACE = "training"
+POD = "fluxgym-train-x7k2q"
+
+
+@pytest.fixture
+def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeApi]:
+    """The fake server, with a kubeconfig for it in $KUBECONFIG and no in-cluster hints."""
+    api = FakeKubeApi(pods={(NAMESPACE, POD)}).start()
+    monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
+    yield api
+    api.stop()
+
+
+class Recorder:
+    """The restarter's log callable and the gateway's sleep, both recorded."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.sleeps: list[float] = []
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+
+def make_restarter(
+    recorder: Recorder, *, retry_window: float = 60.0, pattern: str = r"(?!)"
+) -> PodRestarter:
+    gateway = KubernetesGateway(
+        retry_window=retry_window, sleep=recorder.sleeps.append, log=structlog.get_logger()
+    )
+    return PodRestarter(
+        pattern=re.compile(pattern),
+        kill_grace=30.0,
+        pod_name=POD,
+        namespace=NAMESPACE,
+        gateway=gateway,
+        log=recorder,
+    )
+
+
+# --- deleting the pod ---------------------------------------------------------------------
+
+
+def test_restart_deletes_the_own_pod_with_the_kill_grace(kube_api: FakeKubeApi):
+    """One DELETE of our pod, authenticated with the token, gracePeriodSeconds = kill grace."""
+    recorder = Recorder()
+    make_restarter(recorder).restart()
+    (delete,) = kube_api.requests
+    assert delete.method == "DELETE"
+    assert delete.path == f"/api/v1/namespaces/{NAMESPACE}/pods/{POD}"
+    assert delete.query["gracePeriodSeconds"] == ["30"]
+    assert delete.token == TOKEN
+    assert recorder.names() == ["pod_deleting", "pod_deleted"]
+    assert recorder.sleeps == []
+
+
+def test_forbidden_names_the_missing_rbac_rule_and_is_not_retried(kube_api: FakeKubeApi):
+    """403: a RestartError naming the Role rule and the server's words, after one request."""
+    kube_api.may_delete_pods = False
+    recorder = Recorder()
+    with capture_logs() as logs, pytest.raises(RestartError) as raised:
+        make_restarter(recorder).restart()
+    message = str(raised.value)
+    assert "HTTP 403" in message
+    assert 'resources: ["pods"], verbs: ["delete"]' in message
+    assert "RoleBinding" in message
+    assert 'cannot delete resource "pods"' in message, "the server's own explanation is kept"
+    (named,) = re.findall(r"k8s/overlays/[\w./-]+\.yaml", message)
+    assert (REPO_ROOT / named).is_file(), named
+    assert len(kube_api.deletes()) == 1
+    assert recorder.sleeps == [] and not [e for e in logs if e["event"] == "kubernetes_retry"]
+
+
+def test_unauthorized_points_at_the_token_and_is_not_retried(kube_api: FakeKubeApi):
+    """401: the credentials were refused; a RestartError about the token, no retry."""
+    kube_api.fail_next("delete", 401)
+    recorder = Recorder()
+    with pytest.raises(RestartError, match=r"HTTP 401.*ServiceAccount token"):
+        make_restarter(recorder).restart()
+    assert len(kube_api.deletes()) == 1
+    assert recorder.sleeps == []
+
+
+def test_unknown_pod_names_the_downward_api_and_is_not_retried(kube_api: FakeKubeApi):
+    """404: the configured pod does not exist; the message names the two settings."""
+    kube_api.pods.clear()
+    recorder = Recorder()
+    with pytest.raises(RestartError, match=r"HTTP 404.*SIDECAR_POD_NAME.*downward API"):
+        make_restarter(recorder).restart()
+    assert len(kube_api.deletes()) == 1
+    assert recorder.sleeps == []
+
+
+def test_server_errors_and_throttling_are_retried_with_backoff(kube_api: FakeKubeApi):
+    """503, 500 and 429 are retried with growing, jittered, bounded delays; then it succeeds."""
+    kube_api.fail_next("delete", 503, 500, 429)
+    recorder = Recorder()
+    with capture_logs() as logs:
+        make_restarter(recorder).restart()
+    assert len(kube_api.deletes()) == 4
+    assert (POD in " ".join(r.path for r in kube_api.deletes())) and recorder.names()[-1] == (
+        "pod_deleted"
+    )
+    # wait_exponential(0.5) + up to 0.5 s of jitter: 0.5-1, 1-1.5, 2-2.5 s.
+    assert len(recorder.sleeps) == 3
+    for delay, low in zip(recorder.sleeps, (0.5, 1.0, 2.0), strict=True):
+        assert low <= delay <= low + 0.5
+    retries = [event for event in logs if event["event"] == "kubernetes_retry"]
+    assert [event["attempt"] for event in retries] == [1, 2, 3]
+    assert "503" in retries[0]["error"] and "429" in retries[2]["error"]
+
+
+def test_a_failing_server_is_given_up_on_after_the_retry_window(kube_api: FakeKubeApi):
+    """Endless 500s: bounded attempts whose delays fit the window, then a clear RestartError."""
+    kube_api.fail_next("delete", *[500] * 100)
+    recorder = Recorder()
+    with pytest.raises(RestartError, match=r"kept failing delete .* 20 s retry window"):
+        make_restarter(recorder, retry_window=20).restart()
+    assert sum(recorder.sleeps) <= 20
+    assert max(recorder.sleeps) <= 10.5, "each delay is capped"
+    assert 4 <= len(kube_api.deletes()) <= 10
+
+
+def test_an_unreachable_server_is_retried_then_reported(kube_api: FakeKubeApi):
+    """Connection refused: retried within the window, then a RestartError saying so."""
+    kube_api.stop()
+    recorder = Recorder()
+    with pytest.raises(RestartError, match=r"kept failing delete.*attempt"):
+        make_restarter(recorder, retry_window=10).restart()
+    assert len(recorder.sleeps) >= 2
+    assert sum(recorder.sleeps) <= 10
+
+
+def test_no_credentials_is_a_restart_error_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Outside a pod and without a kubeconfig: a RestartError saying what to mount."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(RestartError, match="no Kubernetes credentials"):
+        make_restarter(Recorder()).restart()
+
+
+# --- the start-up permission check ----------------------------------------------------------
+
+
+def test_start_asks_whether_it_may_delete_its_pod(kube_api: FakeKubeApi):
+    """A SelfSubjectAccessReview for delete on this pod; allowed means no error."""
+    recorder = Recorder()
+    make_restarter(recorder).start()
+    (review,) = kube_api.requests
+    assert review.path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+    attributes = review.body["spec"]["resourceAttributes"]
+    assert attributes == {
+        "verb": "delete",
+        "resource": "pods",
+        "group": "",
+        "namespace": NAMESPACE,
+        "name": POD,
+    }
+    assert recorder.names() == ["pod_restart_allowed"]
+    assert not kube_api.deletes(), "checking never deletes"
+
+
+def test_start_reports_missing_rbac_at_once(kube_api: FakeKubeApi):
+    """Denied by RBAC: the RestartError names the rule, before any stall happened."""
+    kube_api.may_delete_pods = False
+    with pytest.raises(
+        RestartError, match=r'RBAC does not allow deleting pod .*verbs \["delete"\]'
+    ):
+        make_restarter(Recorder()).start()
+
+
+def test_start_retries_a_struggling_server_for_the_review(kube_api: FakeKubeApi):
+    """The review is retried on a 502 like every other call."""
+    kube_api.fail_next("review", 502)
+    recorder = Recorder()
+    make_restarter(recorder).start()
+    assert len(kube_api.requests) == 2 and len(recorder.sleeps) == 1
+
+
+# --- seeing the trainer ---------------------------------------------------------------------
+
+
+def test_status_and_stop_work_through_the_process_table(kube_api: FakeKubeApi, tmp_path: Path):
+    """Like signal mode: the trainer is found by command line, stopped by signals."""
+    marker = f"pod-mode-trainer-{os.getpid()}"
+    script = tmp_path / f"{marker}.sh"
+    script.write_text("sleep 60\n")
+    trainer = subprocess.Popen(["bash", str(script)])
+    try:
+        restarter = make_restarter(Recorder(), pattern=re.escape(marker))
+        deadline = time.monotonic() + 10
+        while not restarter.status().running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = restarter.status()
+        assert status.running and status.attempt is not None
+        assert trainer.pid in restarter.trainer_pids()
+        restarter.kill_grace = restarter.processes.kill_grace = 2.0
+        restarter.stop()
+        trainer.wait(timeout=10)
+        assert not restarter.status().running
+        assert not kube_api.requests, "stopping processes needs no API call"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_pod_mode_needs_the_pods_name_and_namespace():
+    """Without the downward API variables the settings are rejected, naming both."""
+    with pytest.raises(ConfigError, match="SIDECAR_POD_NAME and SIDECAR_POD_NAMESPACE"):
+        load_settings({"restart_mode": "pod"})
+    with pytest.raises(ConfigError, match="needs SIDECAR_POD_NAMESPACE, from the downward API"):
+        load_settings({"restart_mode": "pod", "pod_name": POD})
+
+
+def test_build_restarter_makes_a_pod_restarter_without_calling_the_api(kube_api: FakeKubeApi):
+    """The factory wires the settings in; no request is made until one is needed."""
+    settings = Settings(restart_mode="pod", pod_name=POD, pod_namespace=NAMESPACE, kill_grace=7)
+    restarter = build_restarter(settings, None, structlog.get_logger())
+    assert isinstance(restarter, PodRestarter)
+    assert (restarter.mode, restarter.exits_with_run) == ("pod", False)
+    assert (restarter.stop_before_rewrite, restarter.relaunches) == (False, False)
+    assert (restarter.pod_name, restarter.namespace, restarter.kill_grace) == (
+        POD,
+        NAMESPACE,
+        7.0,
+    )
+    assert not kube_api.requests
+
+
+# --- the real loop --------------------------------------------------------------------------
+
+
+class PodScene:
+    """A simulated pod: the restart-policy stand-in running train.sh, and a pod-mode sidecar.
+
+    Deleting the pod (the fake API's on_delete) ends both, as the kubelet would; the test
+    then starts the replacement pod on the same outputs, as the Job controller would.
+    """
+
+    def __init__(self, root: Path, api: FakeKubeApi, kubeconfig: Path):
+        self.root = root
+        self.api = api
+        self.kubeconfig = kubeconfig
+        self.tree = build_fluxgym_tree(
+            root / "fluxgym", extra_trainer_args="--save_every_n_steps 6 --save_state"
+        )
+        self.deleted = threading.Event()
+        self.api.on_delete = lambda namespace, name: self.deleted.set()
+        self.runtime: subprocess.Popen[bytes] | None = None
+        self.sidecar: subprocess.Popen[str] | None = None
+        self.events: list[dict[str, Any]] = []
+
+    def start_pod(self, name: str, faults: str) -> None:
+        self.api.pods.add((NAMESPACE, name))
+        self.deleted.clear()
+        self.runtime = start_runtime(self.tree, {**FAST_SIMULATION, "SIM_FAULTS": faults})
+        pattern = tree_pattern(self.tree)
+        sidecar_env = {
+            **os.environ,
+            **FAST_SETTINGS,
+            "SIDECAR_RESTART_MODE": "pod",
+            "SIDECAR_POD_NAME": name,
+            "SIDECAR_POD_NAMESPACE": NAMESPACE,
+            "SIDECAR_TRAINER_PATTERN": pattern,
+            "SIDECAR_TRAIN_SCRIPT": str(self.tree.train_script),
+            "SIDECAR_HEARTBEAT_FILE": str(self.root / "heartbeat"),
+            "SIDECAR_CHECKPOINT_SETTLE": "0.3s",
+            "KUBECONFIG": str(self.kubeconfig),
+        }
+        sidecar_env.pop("KUBERNETES_SERVICE_HOST", None)
+        self.sidecar = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run"],
+            env=sidecar_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.events = []
+        # A reader thread, so that waiting for an event that never comes can time out.
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(
+            target=self._read_events, args=(self.sidecar.stdout, self._lines), daemon=True
+        ).start()
+
+    def wait_for(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                event = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if event is None:
+                break  # the sidecar's stdout closed
+            self.events.append(event)
+            if event["event"] == name:
+                return event
+        raise AssertionError(f"no {name} within {timeout} s; saw {self.names()}")
+
+    @staticmethod
+    def _read_events(stdout: Any, lines: queue.Queue[dict[str, Any] | None]) -> None:
+        for line in stdout:
+            if line.startswith("{"):
+                lines.put(json.loads(line))
+        lines.put(None)
+
+    def names(self) -> list[str]:
+        return [event["event"] for event in self.events]
+
+    def end_pod(self) -> int:
+        """What the kubelet does to a deleted pod: stop every container; the sidecar's code."""
+        assert self.runtime is not None and self.sidecar is not None
+        for process in psutil.process_iter():
+            try:
+                if os.getsid(process.pid) == self.runtime.pid:
+                    process.send_signal(signal.SIGKILL)
+            except (psutil.Error, OSError):
+                continue
+        self.runtime.wait(timeout=10)
+        self.sidecar.send_signal(signal.SIGTERM)
+        return self.sidecar.wait(timeout=15)
+
+    def close(self) -> None:
+        for process in (self.sidecar, self.runtime):
+            if process is not None and process.poll() is None:
+                kill_everything(process.pid)
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def pod_scene(tmp_path: Path) -> Iterator[PodScene]:
+    api = FakeKubeApi().start()
+    scene = PodScene(tmp_path, api, api.write_kubeconfig(tmp_path / "kubeconfig"))
+    yield scene
+    scene.close()
+    api.stop()
+
+
+@pytest.mark.slow
+def test_stall_deletes_the_pod_and_the_replacement_resumes(pod_scene: PodScene):
+    """A hang: with train.sh pointing at the newest checkpoint, the sidecar deletes its own
+    pod over HTTP; the replacement pod's trainer resumes from that checkpoint."""
+    scene = pod_scene
+    scene.start_pod("fluxgym-train-first", "hang_idle@step=20:once")
+    scene.wait_for("pod_restart_allowed")
+    stall = scene.wait_for("stall_detected")
+    assert stall["last_step"] == 20
+    scene.wait_for("pod_deleted")
+    assert scene.deleted.wait(5)
+    # By then train.sh points at the newest complete checkpoint (kept current while the run
+    # was healthy, confirmed at the stall), so whatever starts it next resumes.
+    resume = parse_train_script(scene.tree.train_script.read_text()).resume
+    assert resume is not None and resume.endswith("my-lora-step00000018-state")
+    (delete,) = scene.api.deletes()
+    assert delete.path.endswith("/pods/fluxgym-train-first")
+    assert delete.query["gracePeriodSeconds"] == [FAST_SETTINGS["SIDECAR_KILL_GRACE"].rstrip("s")]
+    names = scene.names()
+    assert names.index("checkpoint_selected") < names.index("pod_deleting")
+    assert "trainer_restarted" not in names, "the replacement pod is not this sidecar's to see"
+    assert scene.end_pod() == 128 + signal.SIGTERM
+
+    # The Job controller's replacement: same volume, fresh containers.
+    scene.start_pod("fluxgym-train-second", "hang_idle@step=20:once")
+    scene.wait_for("training_completed", timeout=90)
+    assert scene.runtime is not None and scene.runtime.wait(timeout=30) == 0
+    assert (scene.tree.output_dir / "my-lora.safetensors").is_file()
+    log = (scene.tree.output_dir / "train.log").read_text()
+    assert "resuming from" in log and "my-lora-step00000018-state" in log
+    assert len(scene.api.deletes()) == 1, "a healthy run is never restarted"

@@ -1,0 +1,218 @@
+"""Incident bundles of real hung processes: contents, the time bound, size caps and pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.decide.decision import Verdict, VerdictKind
+from sidecar.observe.gpu import GpuReading, GpuSample
+from sidecar.surface.incidents import (
+    LOG_TAIL_BYTES,
+    IncidentRecorder,
+    IncidentSources,
+    find_py_spy,
+    list_bundles,
+    prune,
+)
+
+# A trainer stand-in: a parent waiting for its worker, the worker blocked reading a pipe
+# nobody writes (the shape of sd-scripts issue 536).
+HUNG_TRAINER = textwrap.dedent(
+    """
+    import subprocess, sys
+    worker = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\\n"
+         "def waiting_for_the_dataloader():\\n"
+         "    sys.stdin.read()\\n"
+         "waiting_for_the_dataloader()\\n"],
+        stdin=subprocess.PIPE,
+    )
+    print(worker.pid, flush=True)
+    def waiting_for_the_worker():
+        worker.wait()
+    waiting_for_the_worker()
+    """
+)
+VERDICT = Verdict(
+    VerdictKind.STALL,
+    "no progress for 902 s (stall timeout 900 s)",
+    {"seconds_since_progress": 902.0, "last_step": 120, "total_steps": 400},
+)
+
+
+class HungTrainer:
+    def __init__(self, parent: subprocess.Popen[str], worker_pid: int):
+        self.parent = parent
+        self.worker_pid = worker_pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.parent.pid, self.worker_pid]
+
+
+@pytest.fixture
+def hung() -> Iterator[HungTrainer]:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", HUNG_TRAINER],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert parent.stdout is not None
+    worker_pid = int(parent.stdout.readline())
+    time.sleep(0.2)  # let the worker reach its read(2)
+    try:
+        yield HungTrainer(parent, worker_pid)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+
+@pytest.fixture
+def train_log(tmp_path: Path) -> Path:
+    log = tmp_path / "train.log"
+    line = "steps:  30%|███       | 120/400 [1:40:00<3:53:20, 50.00s/it, avr_loss=0.41]\r"
+    log.write_text(line * 8000 + "\nthe last line\n", encoding="utf-8")
+    return log
+
+
+def recorder(tmp_path: Path, pids: list[int], train_log: Path, **options) -> IncidentRecorder:
+    sources = IncidentSources(state_dir=tmp_path / "state", train_log=train_log, pids=pids)
+    options.setdefault("keep", 5)
+    return IncidentRecorder(lambda: sources, **options)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def test_bundle_holds_verdict_log_tail_and_the_process_tree(tmp_path, hung, train_log):
+    """Verdict, capped log tail, every process with state, wait channel, CPU and I/O."""
+    folder = recorder(tmp_path, [hung.parent.pid], train_log).save(VERDICT, {"last_step": 120})
+    assert folder is not None
+    assert folder.parent == tmp_path / "state" / "incidents"
+    assert re.fullmatch(r"\d{8}T\d{6}Z", folder.name)
+    verdict = read_json(folder / "verdict.json")
+    assert verdict["kind"] == "stall" and verdict["reason"] == VERDICT.reason
+    assert verdict["figures"] == {"last_step": 120}
+    tail = (folder / "train.log.tail").read_text()
+    assert tail.endswith("the last line\n")
+    assert LOG_TAIL_BYTES - 4 <= len(tail.encode()) <= LOG_TAIL_BYTES
+    rows = {row["pid"]: row for row in read_json(folder / "processes.json")}
+    assert set(rows) == set(hung.pids), "the worker is found below the given root"
+    worker = rows[hung.worker_pid]
+    assert worker["status"] == "sleeping"
+    assert worker["ppid"] == hung.parent.pid
+    assert "waiting_for_the_dataloader" in worker["cmdline"]
+    assert worker["io"]["read_chars"] >= 0 and "write_bytes" in worker["io"]
+    assert worker["cpu_user_seconds"] >= 0
+    assert worker["threads"][0]["state"] == "S"
+    if Path("/proc/self/wchan").exists():
+        assert worker["wchan"], "the kernel says where it sleeps"
+    table = (folder / "processes.txt").read_text()
+    assert str(hung.worker_pid) in table and "WCHAN" in table
+    manifest = read_json(folder / "manifest.json")
+    assert manifest["skipped"]["gpu.json"] == "NVML unavailable"
+    assert set(manifest["files"]) >= {"verdict.json", "train.log.tail", "processes.json"}
+    assert manifest["seconds"] < 5
+
+
+@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed (optional)")
+def test_python_stacks_come_from_py_spy(tmp_path, hung, train_log):
+    """With py-spy, each Python process's stack shows the function it hangs in."""
+    folder = recorder(tmp_path, hung.pids, train_log, py_spy=find_py_spy()).save(VERDICT, {})
+    assert folder is not None
+    worker_stack = (folder / "stacks" / f"{hung.worker_pid}.txt").read_text()
+    parent_stack = (folder / "stacks" / f"{hung.parent.pid}.txt").read_text()
+    assert "waiting_for_the_dataloader" in worker_stack, worker_stack
+    assert "waiting_for_the_worker" in parent_stack, parent_stack
+
+
+def test_a_hanging_py_spy_is_cut_off_at_the_deadline(tmp_path, hung, train_log):
+    """A stack dump that never ends costs at most the budget; the rest is still saved."""
+    stuck = tmp_path / "py-spy"
+    stuck.write_text("#!/bin/sh\nexec sleep 30\n")
+    stuck.chmod(0o755)
+    started = time.monotonic()
+    folder = recorder(tmp_path, hung.pids, train_log, py_spy=str(stuck), budget=1.0).save(
+        VERDICT, {}
+    )
+    took = time.monotonic() - started
+    assert 0.5 < took < 3.0
+    assert folder is not None
+    assert "cut off" in (folder / "stacks" / f"{hung.worker_pid}.txt").read_text()
+    assert (folder / "processes.json").is_file()
+
+
+def test_a_blocking_read_is_abandoned_at_the_deadline(tmp_path, hung):
+    """A log that blocks the reader (a FIFO without writer, a hung mount) cannot hold recovery."""
+    fifo = tmp_path / "train.log"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    try:
+        folder = recorder(tmp_path, hung.pids, fifo, budget=1.0).save(VERDICT, {})
+        took = time.monotonic() - started
+    finally:
+        # Release the abandoned worker thread blocked in open().
+        os.close(os.open(fifo, os.O_WRONLY))
+    assert took < 3.0
+    assert folder is not None
+    manifest = read_json(folder / "manifest.json")
+    assert "deadline" in manifest["skipped"]["unfinished"]
+    assert (folder / "verdict.json").is_file()
+    assert not (folder / "train.log.tail").exists()
+
+
+def test_gpu_snapshot_is_saved_when_nvml_answers(tmp_path, train_log):
+    class OneGpu:
+        def sample(self):
+            return GpuReading(samples=(GpuSample(0, 0, 20 << 30, 24 << 30, 61.5),))
+
+        def close(self):
+            pass
+
+    folder = recorder(tmp_path, [], train_log, gpu=OneGpu()).save(VERDICT, {})
+    assert folder is not None
+    gpu = read_json(folder / "gpu.json")
+    assert gpu["samples"][0]["utilization_percent"] == 0
+    assert gpu["samples"][0]["power_watts"] == 61.5
+
+
+def test_only_the_newest_bundles_are_kept(tmp_path, train_log):
+    """keep=2: older bundles and half-written leftovers are removed; names stay unique."""
+    incidents = tmp_path / "state" / "incidents"
+    (incidents / ".20000101T000000Z.partial").mkdir(parents=True)
+    record = recorder(tmp_path, [], train_log, keep=2)
+    folders = [record.save(VERDICT, {}) for _ in range(3)]
+    assert len({folder.name for folder in folders if folder}) == 3
+    kept = list_bundles(incidents)
+    assert kept == folders[1:]
+    assert sorted(p.name for p in incidents.iterdir()) == sorted(p.name for p in kept)
+
+
+def test_bundle_order_is_numeric_within_one_second(tmp_path):
+    for name in ("20250101T000000Z-10", "20250101T000000Z-2", "20250101T000000Z"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in list_bundles(tmp_path)] == [
+        "20250101T000000Z",
+        "20250101T000000Z-2",
+        "20250101T000000Z-10",
+    ]
+    assert [p.name for p in prune(tmp_path, 1)] == ["20250101T000000Z", "20250101T000000Z-2"]
+
+
+def test_keep_zero_saves_nothing(tmp_path, train_log):
+    assert recorder(tmp_path, [], train_log, keep=0).save(VERDICT, {}) is None
+    assert not (tmp_path / "state").exists()
