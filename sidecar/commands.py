@@ -17,7 +17,6 @@ from sidecar.config import Settings
 from sidecar.log_setup import configure_logging, get_logger
 from sidecar.observe.gpu import NvmlGpuMonitor
 from sidecar.recover.resume_plan import rewrite_train_script, script_diff
-from sidecar.restarters import build_restarter
 from sidecar.run.ledger import LedgerError, LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
@@ -25,6 +24,7 @@ from sidecar.surface.http_server import heartbeat_health, probe
 from sidecar.surface.observability import Observability
 from sidecar.surface.status_report import build_report, render_text
 from sidecar.watchdog import EXIT_ERROR, Watchdog
+from sidecar.wiring import build_restarter
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2

@@ -80,13 +80,13 @@ from sidecar.checkpoints.scan import find_candidates
 from sidecar.config import load_settings
 from sidecar.observe.log_follower import LogFollower
 from sidecar.observe.progress import parse_step
-from sidecar.restarters import build_restarter
 from sidecar.run.ledger import LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import event_time, sidecar_environment
 from sidecar.trainers.sd_scripts.train_script import parse_train_script, remove_resume
 from sidecar.watchdog import Clocks, Watchdog
+from sidecar.wiring import build_restarter
 
 FREQUENT_SAVES = "--save_every_n_steps 6"  # states at steps 6, 12, 18, ...
 HANG_AT_STEP_20 = "hang_idle@step=20:once"

@@ -35,10 +35,11 @@ from structlog.testing import capture_logs
 
 from sidecar.clients.kubernetes_api import KubernetesGateway
 from sidecar.config import ConfigError, Settings, load_settings
-from sidecar.restarters import RestartError, build_restarter
+from sidecar.restarters import RestartError
 from sidecar.restarters.pod import PodRestarter
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.wiring import build_restarter
 
 NAMESPACE = "training"
 POD = "fluxgym-train-x7k2q"
