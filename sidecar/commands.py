@@ -16,13 +16,13 @@ from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidat
 from sidecar.config import Settings
 from sidecar.log_setup import configure_logging, get_logger
 from sidecar.observe.gpu import NvmlGpuMonitor
-from sidecar.recover.resume_plan import rewrite_train_script, script_diff
 from sidecar.run.ledger import LedgerError, LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.surface.http_server import heartbeat_health, probe
 from sidecar.surface.observability import Observability
 from sidecar.surface.status_report import build_report, render_text
+from sidecar.trainers.sd_scripts.launch_script import rewrite_train_script, script_diff
 from sidecar.watchdog import EXIT_ERROR, Watchdog
 from sidecar.wiring import build_restarter
 

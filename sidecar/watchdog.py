@@ -25,18 +25,13 @@ from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.log_follower import LogFollower
 from sidecar.observe.output_activity import OutputWatcher
 from sidecar.observe.process_tree import TreeWrites, tree_of, usage_of
-from sidecar.recover.resume_plan import (
-    KEEP_RESUME,
-    NoCheckpointLeft,
-    choose_resume_point,
-    rewrite_train_script,
-    script_diff,
-)
+from sidecar.recover.resume_plan import NoCheckpointLeft, choose_resume_point
 from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
 from sidecar.run.ledger import Ledger, LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.run.lock import RunLock, RunLockHeld
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
+from sidecar.trainers.sd_scripts.launch_script import KEEP_RESUME, rewrite_train_script, script_diff
 from sidecar.trainers.sd_scripts.train_script import TrainScriptError
 
 EXIT_COMPLETED = 0
