@@ -35,9 +35,9 @@ import psutil
 
 from sidecar.checkpoints.file_checks import check_safetensors
 from sidecar.checkpoints.scan import find_candidates
+from sidecar.simulator.file_formats import safetensors_bytes, torch_archive_bytes
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.simulator.harness import FAST_SETTINGS, event_time, run_sidecar
-from sidecar.simulator.trainer import safetensors_bytes, torch_archive_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.2

@@ -24,18 +24,16 @@ from sidecar.simulator import Fault, FluxgymTree, build_fluxgym_tree, format_fau
 from sidecar.simulator.accelerate_shim import main as accelerate_main
 from sidecar.simulator.accelerate_shim import split_launch_arguments
 from sidecar.simulator.faults import FaultPlan, parse_fault
-from sidecar.simulator.fluxgym_tree import FIXTURE_SCRIPTS, fixture_script, render_train_script
-from sidecar.simulator.trainer import (
+from sidecar.simulator.file_formats import (
     SafetensorError,
-    TrainingPlan,
-    check_safetensors,
+    check_safetensors_loadable,
     check_torch_archive,
-    first_epoch_index,
-    format_progress,
     safetensors_bytes,
-    stale_step_state,
     torch_archive_bytes,
 )
+from sidecar.simulator.fluxgym_tree import FIXTURE_SCRIPTS, fixture_script, render_train_script
+from sidecar.simulator.schedule import TrainingPlan, first_epoch_index, stale_step_state
+from sidecar.simulator.terminal_output import format_progress
 from sidecar.simulator.trainer import main as trainer_main
 
 # FluxGym's own generator output, as handed to the project (beside the checkout, in CI too).
@@ -218,7 +216,7 @@ def test_default_fluxgym_script_runs_to_completion(
     run = launch(tree)
     assert run.finish() == 0
     final = tree.output_dir / "my-lora.safetensors"
-    check_safetensors(final)
+    check_safetensors_loadable(final)
     epoch_models = sorted(p.name for p in tree.output_dir.glob("my-lora-0*.safetensors"))
     assert epoch_models == [
         "my-lora-000004.safetensors",
@@ -257,7 +255,7 @@ def test_state_folders_are_written_in_accelerate_order(
         ]
         assert mtimes == sorted(mtimes), folder
         assert mtimes[0] < mtimes[-1], folder
-        check_safetensors(tree.output_dir / folder / "model.safetensors")
+        check_safetensors_loadable(tree.output_dir / folder / "model.safetensors")
         check_torch_archive(tree.output_dir / folder / "optimizer.bin")
 
     def train_state(folder: str) -> str:
@@ -566,10 +564,10 @@ def test_checkpoint_files_pass_and_fail_structural_checks(tmp_path: Path) -> Non
     """The simulator's files are real safetensors/zip layouts; truncation is detectable."""
     model = tmp_path / "model.safetensors"
     model.write_bytes(safetensors_bytes({"ss_steps": "1"}))
-    check_safetensors(model)
+    check_safetensors_loadable(model)
     model.write_bytes(model.read_bytes()[:-1])
     with pytest.raises(SafetensorError):
-        check_safetensors(model)
+        check_safetensors_loadable(model)
     archive = tmp_path / "optimizer.bin"
     archive.write_bytes(torch_archive_bytes("optimizer", {"state": {}}))
     check_torch_archive(archive)

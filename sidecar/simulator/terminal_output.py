@@ -1,0 +1,114 @@
+"""The trainer's terminal output: stdout/stderr lines, tqdm bars and the loss they show."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import TextIO
+
+from sidecar.simulator.context import Clock
+
+_TQDM_BAR_WIDTH = 10  # tqdm's bar width when it writes to a pipe (no terminal size known)
+_TQDM_BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+def format_interval(seconds: float) -> str:
+    """tqdm's ``[mm:ss]`` / ``[h:mm:ss]`` rendering."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def format_progress(
+    n: int, total: int, elapsed: float, desc: str = "steps", postfix: str = ""
+) -> str:
+    """One tqdm status line as tqdm draws it into a pipe (10-character unicode bar)."""
+    fraction = min(n / total, 1.0) if total else 0.0
+    full, partial = divmod(int(fraction * _TQDM_BAR_WIDTH * 8), 8)
+    bar = _TQDM_BLOCKS[-1] * full
+    if full < _TQDM_BAR_WIDTH:
+        bar += _TQDM_BLOCKS[partial] + " " * (_TQDM_BAR_WIDTH - full - 1)
+    rate = n / elapsed if n and elapsed > 0 else None
+    if rate is None:
+        rate_text, remaining_text = "?it/s", "?"
+    else:
+        rate_text = f"{rate:5.2f}it/s" if rate >= 1 else f"{1 / rate:5.2f}s/it"
+        remaining_text = format_interval((total - n) / rate)
+    prefix = f"{desc}: " if desc else ""
+    extra = f", {postfix}" if postfix else ""
+    return (
+        f"{prefix}{fraction * 100:3.0f}%|{bar}| {n}/{total} "
+        f"[{format_interval(elapsed)}<{remaining_text}, {rate_text}{extra}]"
+    )
+
+
+class Terminal:
+    """The trainer's two output streams, flushed after every write like a live trainer's."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def say(self, text: str = "") -> None:
+        """A line on stdout, where sd-scripts' ``accelerator.print`` goes."""
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        """A line on stderr, shaped like sd-scripts' rich logging handler writes to a pipe."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.stderr.write(f"{stamp} {level:<8} {message}\n")
+        self.stderr.flush()
+
+    def draw(self, text: str) -> None:
+        """Raw stderr output (progress bars redraw with a leading carriage return)."""
+        self.stderr.write(text)
+        self.stderr.flush()
+
+
+class ProgressBar:
+    """A tqdm bar on stderr: redrawn in place with ``\\r`` and no newline until it closes."""
+
+    def __init__(self, terminal: Terminal, total: int, clock: Clock, desc: str = "steps") -> None:
+        self._terminal = terminal
+        self._total = total
+        self._clock = clock
+        self._desc = desc
+        self._started = clock()
+        self._last_length = 0
+        self.n = 0
+        self.postfix = ""
+        self.refresh()
+
+    def update(self, postfix: str | None = None) -> None:
+        self.n += 1
+        if postfix is not None:
+            self.postfix = postfix
+        self.refresh()
+
+    def refresh(self) -> None:
+        line = format_progress(
+            self.n, self._total, self._clock() - self._started, self._desc, self.postfix
+        )
+        padding = " " * max(self._last_length - len(line), 0)
+        self._last_length = len(line)
+        self._terminal.draw("\r" + line + padding)
+
+    def close(self) -> None:
+        self.refresh()
+        self._terminal.draw("\n")
+
+
+class LossCurve:
+    """Plausible, reproducible ``avr_loss`` values: a noisy, slowly falling moving average."""
+
+    def __init__(self, seed: int = 42) -> None:
+        self._random = random.Random(seed)
+        self._losses: list[float] = []
+
+    def next_average(self) -> float:
+        base = 0.45 * math.exp(-len(self._losses) / 400) + 0.3
+        self._losses.append(base + self._random.uniform(-0.05, 0.05))
+        window = self._losses[-50:]
+        return sum(window) / len(window)
