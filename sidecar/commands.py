@@ -66,7 +66,7 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
         watchdog = Watchdog(
             settings=settings,
             locator=locator,
-            restarter=build_restarter(settings, paths, log),
+            restarter=build_restarter(settings, paths, log, stop_event=stop_event),
             gpu=gpu,
             log=log,
             stop_event=stop_event,

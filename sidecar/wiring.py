@@ -6,6 +6,7 @@ The only place that turns the settings into parts; each part gets the few values
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 from sidecar.config import Settings
@@ -13,7 +14,13 @@ from sidecar.restarters.base import Restarter
 from sidecar.run.paths import RunPaths
 
 
-def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Restarter | None:
+def build_restarter(
+    settings: Settings,
+    paths: RunPaths | None,
+    log: Any,
+    *,
+    stop_event: threading.Event | None = None,
+) -> Restarter | None:
     """The restarter for ``SIDECAR_RESTART_MODE``; None in detect-only mode."""
     mode = settings.restart_mode
     pattern = re.compile(settings.trainer_pattern)
@@ -49,12 +56,14 @@ def build_restarter(settings: Settings, paths: RunPaths | None, log: Any) -> Res
             namespace=settings.pod_namespace,
             # Credentials are loaded on the first call, so a pod without a token mounted
             # reports it as a restart problem instead of failing to start.
-            gateway=KubernetesGateway(log=log),
+            gateway=KubernetesGateway(stop_event=stop_event, log=log),
             log=log.info,
         )
     from sidecar.clients.docker_engine import DockerGateway
 
-    gateway = DockerGateway(retry_window=settings.docker_retry_window, log=log)
+    gateway = DockerGateway(
+        retry_window=settings.docker_retry_window, stop_event=stop_event, log=log
+    )
     project = settings.compose_project or gateway.own_compose_project()
     assert settings.trainer_container is not None  # checked by the settings model
     if mode == "container":

@@ -5,38 +5,50 @@ daemon restarting, a socket proxy hiccuping, an engine too busy to answer. Those
 failures are retried here (bounded, with backoff, ending promptly on shutdown);
 failures that waiting cannot fix (no such container, permission denied, a
 conflict) are raised at once as a handful of exceptions whose messages say what
-to change. The rest of the sidecar never sees requests, urllib3 or docker-py
-exception trees, only `ContainerInfo`, `ExecInfo` and `DockerError`.
+to change (sidecar.clients.docker_errors). The rest of the sidecar never sees
+requests, urllib3 or docker-py exception trees, only `ContainerInfo`, `ExecInfo`
+and `DockerError`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
-import requests
 import structlog
-import urllib3.exceptions
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_when_event_set,
-)
-from tenacity.stop import stop_base
 
-from sidecar.clients.retry import RetryWindowSpent, api_backoff
+from sidecar import events
+from sidecar.clients.docker_answers import (
+    ContainerInfo,
+    ExecInfo,
+    container_info,
+    exec_info,
+    labels,
+    preference,
+)
+from sidecar.clients.docker_errors import (
+    ContainerNotFound,
+    DockerError,
+    DockerUnavailable,
+    is_transient,
+    may_have_taken_effect,
+    to_docker_error,
+    worth_retrying,
+)
+from sidecar.clients.docker_own_container import own_container_ids
+from sidecar.clients.retry import (
+    SHUTTING_DOWN,
+    RetriedCall,
+    backoff_sleep,
+    describe_error,
+    log_retry,
+)
 
 T = TypeVar("T")
 
@@ -44,272 +56,6 @@ DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
 COMPOSE_ONEOFF_LABEL = "com.docker.compose.oneoff"
-
-# Docker reports "never" as the zero time of Go, not as null.
-_ZERO_TIME_PREFIX = "0001-01-01T00:00:00"
-# Older engines answer some of these with a 500 instead of a 404/409; retrying cannot help.
-_MISSING = re.compile(r"no such (container|exec instance)", re.IGNORECASE)
-_NOT_RUNNING = re.compile(r"is not running|is restarting|is paused", re.IGNORECASE)
-# Short (hostname) or full container id.
-_CONTAINER_ID = re.compile(r"[0-9a-f]{12}|[0-9a-f]{64}")
-_MOUNTED_CONTAINER_DIR = re.compile(r"/containers/([0-9a-f]{64})/")
-_CGROUP_CONTAINER = re.compile(r"(?:/docker/|docker-)([0-9a-f]{64})")
-
-
-class DockerError(Exception):
-    """A Docker Engine call failed; the message names the call and the reason."""
-
-
-class DockerUnavailable(DockerError):
-    """The daemon stayed unreachable (or kept failing internally) for the whole retry window."""
-
-
-class ContainerNotFound(DockerError):
-    """No container (or exec instance) matches what was looked for."""
-
-
-class ContainerNotRunning(DockerError):
-    """The container exists but is stopped, restarting or paused, so it cannot run an exec."""
-
-
-class DockerPermissionDenied(DockerError):
-    """The socket or the API refused us; waiting will not help, configuration will."""
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    id: str
-    name: str
-    status: str  # created|running|restarting|exited|paused|dead|removing
-    running: bool
-    exit_code: int | None
-    started_at: str | None
-    finished_at: str | None
-    restart_count: int
-    pid: int | None
-    labels: dict[str, str]
-    image: str
-
-
-@dataclass(frozen=True)
-class ExecInfo:
-    running: bool
-    exit_code: int | None
-    pid: int | None
-
-
-# -- classifying failures ------------------------------------------------------------------
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """The error and what it wraps.
-
-    urllib3 hides the real OSError in ``args`` (``ProtocolError('Connection aborted.',
-    ConnectionRefusedError(...))``) and in ``MaxRetryError.reason`` rather than in
-    ``__cause__``, so all three are followed.
-    """
-    pending = [error]
-    seen: set[int] = set()
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
-        reason = getattr(current, "reason", None)
-        if isinstance(reason, BaseException):
-            pending.append(reason)
-        if current.__cause__ is not None:
-            pending.append(current.__cause__)
-
-
-def _wraps(
-    error: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]
-) -> bool:
-    return any(isinstance(cause, kinds) for cause in _causes(error))
-
-
-def _explanation(error: docker.errors.APIError) -> str:
-    return str(error.explanation or "").strip() or str(error)
-
-
-_CONNECTION_FAILURES = (
-    requests.exceptions.ConnectionError,
-    requests.exceptions.Timeout,
-    # Raw socket reads (exec output) raise the builtins unwrapped.
-    ConnectionError,
-    TimeoutError,
-)
-
-
-def is_transient(error: BaseException) -> bool:
-    """True when the same call may succeed later: daemon unreachable, slow, or failing internally.
-
-    With a fixed API version docker-py connects lazily and a dead daemon surfaces as
-    ``requests.exceptions.ConnectionError``, which is not a ``DockerException``; with
-    ``version="auto"`` it is a bare ``DockerException`` wrapping the same error. Both count.
-    """
-    if isinstance(error, docker.errors.APIError):
-        status = error.status_code
-        if status is None or status < 500:
-            return False
-        explanation = _explanation(error)
-        return not (_MISSING.search(explanation) or _NOT_RUNNING.search(explanation))
-    if _wraps(error, PermissionError):
-        return False
-    if isinstance(error, _CONNECTION_FAILURES):
-        return True
-    if isinstance(error, docker.errors.DockerException):
-        return _wraps(error, (*_CONNECTION_FAILURES, FileNotFoundError))
-    return False
-
-
-def may_have_taken_effect(error: BaseException) -> bool:
-    """False only when the daemon certainly did not carry the request out.
-
-    An HTTP error answer means the daemon refused or failed the operation; a refused or
-    missing socket means the request never left. A timeout or a dropped connection
-    leaves it open whether the daemon acted.
-    """
-    if isinstance(error, docker.errors.APIError):
-        return False
-    never_sent = (
-        ConnectionRefusedError,
-        FileNotFoundError,
-        urllib3.exceptions.NewConnectionError,
-        requests.exceptions.ConnectTimeout,
-    )
-    return not _wraps(error, never_sent)
-
-
-def to_docker_error(
-    error: BaseException, *, operation: str, subject: str, endpoint: str
-) -> DockerError:
-    """The sidecar's exception for a failure that retrying cannot fix."""
-    if isinstance(error, docker.errors.APIError):
-        return _from_api_error(error, operation=operation, subject=subject, endpoint=endpoint)
-    if _wraps(error, PermissionError):
-        return DockerPermissionDenied(_socket_permission_message(endpoint))
-    return DockerError(f"Docker {operation} of {subject} failed: {_describe(error)}")
-
-
-def _from_api_error(
-    error: docker.errors.APIError, *, operation: str, subject: str, endpoint: str
-) -> DockerError:
-    status = error.status_code
-    explanation = _explanation(error)
-    if status in (401, 403):
-        return DockerPermissionDenied(
-            _api_permission_message(endpoint, operation, subject, status, explanation)
-        )
-    if isinstance(error, docker.errors.NotFound) or _MISSING.search(explanation):
-        return ContainerNotFound(f"{subject} not found (Docker {operation}): {explanation}")
-    if _NOT_RUNNING.search(explanation):
-        return ContainerNotRunning(f"Docker {operation} of {subject} refused: {explanation}")
-    if status == 409:
-        return DockerError(f"Docker {operation} of {subject} conflicts (HTTP 409): {explanation}")
-    return DockerError(f"Docker {operation} of {subject} failed (HTTP {status}): {explanation}")
-
-
-def _api_permission_message(
-    endpoint: str, operation: str, subject: str, status: int, explanation: str
-) -> str:
-    return (
-        f"the Docker API at {endpoint} refused {operation} of {subject} "
-        f"(HTTP {status}: {explanation}). A socket proxy in front of the engine is probably "
-        "filtering the call: allow it (docker-socket-proxy: CONTAINERS=1 to find and inspect, "
-        "POST=1 or ALLOW_RESTARTS=1 to restart, EXEC=1 as well for exec mode), or point "
-        "DOCKER_HOST at a socket that permits it"
-    )
-
-
-def _socket_permission_message(endpoint: str) -> str:
-    return (
-        f"cannot open the Docker socket {endpoint}: permission denied. Mount "
-        "/var/run/docker.sock into the sidecar container and run the sidecar as root or with "
-        "the socket's group (compose: group_add with the number printed by "
-        "`stat -c %g /var/run/docker.sock` on the host), or set DOCKER_HOST to a socket "
-        "proxy the sidecar may reach"
-    )
-
-
-def _describe(error: BaseException | None) -> str:
-    if error is None:
-        return "unknown error"
-    return f"{type(error).__name__}: {error}"
-
-
-# -- reading engine answers ----------------------------------------------------------------
-
-
-def _timestamp_or_none(value: str | None) -> str | None:
-    if not value or value.startswith(_ZERO_TIME_PREFIX):
-        return None
-    return value
-
-
-def parse_docker_time(value: str) -> datetime:
-    """Docker's RFC 3339 timestamps (nanoseconds, ``Z``) as aware datetimes, for ordering."""
-    return datetime.fromisoformat(value)
-
-
-def container_info(raw: dict[str, Any]) -> ContainerInfo:
-    """Our view of ``GET /containers/{id}/json``."""
-    state = raw.get("State") or {}
-    config = raw.get("Config") or {}
-    status = str(state.get("Status", "unknown"))
-    # Docker keeps ExitCode 0 while a container runs; only a finished one has a real status.
-    exit_code = state.get("ExitCode") if status in ("exited", "dead") else None
-    return ContainerInfo(
-        id=raw["Id"],
-        name=str(raw.get("Name", "")).lstrip("/"),
-        status=status,
-        running=bool(state.get("Running")),
-        exit_code=exit_code,
-        started_at=_timestamp_or_none(state.get("StartedAt")),
-        finished_at=_timestamp_or_none(state.get("FinishedAt")),
-        restart_count=int(raw.get("RestartCount") or 0),
-        pid=state.get("Pid") or None,
-        labels=dict(config.get("Labels") or {}),
-        image=str(config.get("Image") or raw.get("Image") or ""),
-    )
-
-
-def own_container_id_candidates(hostname: str, mountinfo: str, cgroup: str) -> list[str]:
-    """Ids under which the current process's container may be known to the engine.
-
-    Docker sets the hostname to the short id unless compose or ``--hostname`` overrides
-    it; ``/etc/hostname`` is bind-mounted from ``/var/lib/docker/containers/<id>/`` and
-    cgroup v1 paths carry ``/docker/<id>``, which covers the override.
-    """
-    found: list[str] = []
-    if _CONTAINER_ID.fullmatch(hostname):
-        found.append(hostname)
-    found += _MOUNTED_CONTAINER_DIR.findall(mountinfo)
-    found += _CGROUP_CONTAINER.findall(cgroup)
-    found += _CGROUP_CONTAINER.findall(mountinfo)
-    return list(dict.fromkeys(found))
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        # Not Linux, or /proc hidden: nothing to learn from it, which is an answer too.
-        return ""
-
-
-# -- retry policy --------------------------------------------------------------------------
-
-
-def _worth_retrying(error: BaseException, *, replay_safe: bool) -> bool:
-    if not is_transient(error):
-        return False
-    return replay_safe or not may_have_taken_effect(error)
-
-
-# -- the gateway ---------------------------------------------------------------------------
 
 
 class DockerGateway:
@@ -336,9 +82,9 @@ class DockerGateway:
         self.api_version = api_version
         self.timeout = timeout
         self.retry_window = retry_window
+        # Set on SIGTERM: retries end then, instead of waiting out the window in an outage.
         self._stop_event = stop_event
-        # Waiting on the stop event (rather than time.sleep) ends a backoff at once on SIGTERM.
-        self._sleep = sleep or (_event_sleep(stop_event) if stop_event else time.sleep)
+        self._sleep = backoff_sleep(sleep, stop_event)
         self._log = log or structlog.get_logger("sidecar.docker")
         self._client: Any | None = None
         self._client_lock = threading.Lock()
@@ -365,11 +111,11 @@ class DockerGateway:
                 f"no container named '{ref}' and no compose service '{ref}' {where} "
                 "(one-off `compose run` containers are ignored)"
             )
-        chosen = max(candidates, key=_preference)
-        projects = sorted({str(_labels(raw).get(COMPOSE_PROJECT_LABEL)) for raw in candidates})
+        chosen = max(candidates, key=preference)
+        projects = sorted({str(labels(raw).get(COMPOSE_PROJECT_LABEL)) for raw in candidates})
         if len(projects) > 1:
             self._log.warning(
-                "docker_service_ambiguous",
+                events.DOCKER_SERVICE_AMBIGUOUS,
                 service=ref,
                 projects=projects,
                 chosen=chosen["Id"][:12],
@@ -382,24 +128,20 @@ class DockerGateway:
 
         Used to look for the trainer service in the sidecar's own project. Never raises:
         not running in a container, or in one the engine does not know, is an answer.
-        An unreachable daemon is still retried for the retry window first (then logged).
+        An unreachable daemon is still retried for the retry window (or until shutdown) first,
+        then logged.
         """
-        candidates = own_container_id_candidates(
-            socket.gethostname(),
-            _read_text("/proc/self/mountinfo"),
-            _read_text("/proc/self/cgroup"),
-        )
-        for candidate in candidates:
+        for candidate in own_container_ids():
             try:
                 raw = self._inspect_raw(candidate)
             except ContainerNotFound:
                 continue
             except DockerError as error:
-                self._log.warning("docker_own_container_unknown", error=str(error))
+                self._log.warning(events.DOCKER_OWN_CONTAINER_UNKNOWN, error=str(error))
                 return None
             # A hex-looking container *name* can match too; only an id prefix is us.
             if raw["Id"].startswith(candidate):
-                return _labels(raw).get(COMPOSE_PROJECT_LABEL)
+                return labels(raw).get(COMPOSE_PROJECT_LABEL)
         return None
 
     def inspect(self, container_id: str) -> ContainerInfo:
@@ -463,12 +205,7 @@ class DockerGateway:
         raw = self._call(
             "exec inspect", f"exec instance '{exec_id}'", lambda api: api.exec_inspect(exec_id)
         )
-        running = bool(raw.get("Running"))
-        return ExecInfo(
-            running=running,
-            exit_code=None if running else raw.get("ExitCode"),
-            pid=raw.get("Pid") or None,
-        )
+        return exec_info(raw)
 
     def exec_output(
         self, container_id: str, command: list[str], *, user: str | None = None
@@ -567,23 +304,23 @@ class DockerGateway:
         replay_safe: bool = True,
     ) -> T:
         """Run ``action(api)`` with retries on transient failures; translate the rest."""
-        stop: stop_base = RetryWindowSpent(self.retry_window)
-        if self._stop_event is not None:
-            stop = stop | stop_when_event_set(self._stop_event)
-        retrying = Retrying(
-            retry=retry_if_exception(lambda error: _worth_retrying(error, replay_safe=replay_safe)),
-            wait=api_backoff(),
-            stop=stop,
+        call: RetriedCall[T] = RetriedCall(
+            worth_retrying=lambda error: worth_retrying(error, replay_safe=replay_safe),
+            window=self.retry_window,
+            stop_event=self._stop_event,
             sleep=self._sleep,
-            before_sleep=lambda state: self._log_retry(operation, subject, state),
-            reraise=True,
+            before_sleep=log_retry(
+                self._log,
+                events.DOCKER_RETRY,
+                operation=operation,
+                subject=subject,
+                docker_host=self.base_url,
+            ),
         )
         try:
-            return retrying(self._attempt, action)
+            return call(lambda: self._attempt(action))
         except (docker.errors.DockerException, OSError) as error:
-            raise self._failure(
-                error, operation, subject, retrying.statistics, replay_safe=replay_safe
-            ) from error
+            raise self._failure(error, operation, subject, call, replay_safe=replay_safe) from error
 
     def _attempt(self, action: Callable[[Any], T]) -> T:
         api = self._api()
@@ -600,7 +337,7 @@ class DockerGateway:
         error: BaseException,
         operation: str,
         subject: str,
-        statistics: dict[str, Any],
+        call: RetriedCall[Any],
         *,
         replay_safe: bool,
     ) -> DockerError:
@@ -608,36 +345,20 @@ class DockerGateway:
             return to_docker_error(
                 error, operation=operation, subject=subject, endpoint=self.base_url
             )
-        attempts = statistics.get("attempt_number", 1)
-        if self._stop_event is not None and self._stop_event.is_set():
+        if call.shutting_down:
             return DockerUnavailable(
-                f"gave up Docker {operation} of {subject} after {attempts} attempt(s): "
-                f"shutdown requested; last error from {self.base_url}: {_describe(error)}"
+                f"gave up Docker {operation} of {subject} after {call.attempts} attempt(s): "
+                f"{SHUTTING_DOWN}; last error from {self.base_url}: {describe_error(error)}"
             )
         if not replay_safe and may_have_taken_effect(error):
             return DockerUnavailable(
-                f"Docker {operation} of {subject} was interrupted ({_describe(error)}); the "
+                f"Docker {operation} of {subject} was interrupted ({describe_error(error)}); the "
                 f"daemon at {self.base_url} may have carried it out, so it was not repeated"
             )
-        spent = max(
-            statistics.get("delay_since_first_attempt", 0.0), statistics.get("idle_for", 0.0)
-        )
         return DockerUnavailable(
             f"Docker daemon at {self.base_url} unreachable for {operation} of {subject}: "
-            f"{attempts} attempt(s) over {spent:.1f} s (retry window {self.retry_window:g} s); "
-            f"last error: {_describe(error)}"
-        )
-
-    def _log_retry(self, operation: str, subject: str, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome is not None else None
-        self._log.warning(
-            "docker_retry",
-            operation=operation,
-            subject=subject,
-            attempt=state.attempt_number,
-            delay=round(state.upcoming_sleep, 2),
-            error=_describe(error),
-            docker_host=self.base_url,
+            f"{call.attempts} attempt(s) over {call.spent:.1f} s (retry window "
+            f"{self.retry_window:g} s); last error: {describe_error(error)}"
         )
 
     def _api(self) -> Any:
@@ -653,22 +374,6 @@ class DockerGateway:
             client, self._client = self._client, None
         if client is not None:
             client.close()
-
-
-def _event_sleep(event: threading.Event) -> Callable[[float], None]:
-    def sleep(seconds: float) -> None:
-        event.wait(seconds)
-
-    return sleep
-
-
-def _labels(raw: dict[str, Any]) -> dict[str, str]:
-    return dict((raw.get("Config") or {}).get("Labels") or {})
-
-
-def _preference(raw: dict[str, Any]) -> tuple[bool, datetime]:
-    """Running beats stopped; among equals the most recently created wins."""
-    return bool((raw.get("State") or {}).get("Running")), parse_docker_time(raw["Created"])
 
 
 def _container(container_id: str) -> str:

@@ -15,18 +15,19 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import urllib3.exceptions
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-)
 
-from sidecar.clients.retry import RetryWindowSpent, api_backoff
+from sidecar import events
+from sidecar.clients.retry import (
+    SHUTTING_DOWN,
+    RetriedCall,
+    backoff_sleep,
+    describe_error,
+    log_retry,
+)
 
 T = TypeVar("T")
 
@@ -103,19 +104,25 @@ def load_client_configuration() -> Any:
 
 
 class KubernetesGateway:
-    """The pod-mode calls, each retried on transient failures for ``retry_window`` seconds."""
+    """The pod-mode calls, each retried on transient failures for ``retry_window`` seconds.
+
+    Retries end early once ``stop_event`` is set (SIGTERM): the kubelet kills a sidecar that
+    outlives the pod's grace period, so shutdown must not wait out an API server outage.
+    """
 
     def __init__(
         self,
         configuration: Any | None = None,
         *,
         retry_window: float = DEFAULT_RETRY_WINDOW,
-        sleep: Callable[[float], None] = time.sleep,
+        stop_event: threading.Event | None = None,
+        sleep: Callable[[float], None] | None = None,
         log: Any = None,
     ):
         self._configuration = configuration
         self.retry_window = retry_window
-        self._sleep = sleep
+        self._stop_event = stop_event
+        self._sleep = backoff_sleep(sleep, stop_event)
         self._log = log
         self._client: Any = None
         self._lock = threading.Lock()
@@ -183,52 +190,45 @@ class KubernetesGateway:
     def _call(self, operation: str, subject: str, action: Callable[[Any], T]) -> T:
         from kubernetes.client.exceptions import ApiException
 
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            wait=api_backoff(),
-            stop=RetryWindowSpent(self.retry_window),
+        call: RetriedCall[T] = RetriedCall(
+            worth_retrying=is_transient,
+            window=self.retry_window,
+            stop_event=self._stop_event,
             sleep=self._sleep,
-            before_sleep=lambda state: self._log_retry(operation, subject, state),
-            reraise=True,
+            before_sleep=log_retry(
+                self._log, events.KUBERNETES_RETRY, operation=operation, subject=subject
+            ),
         )
         try:
-            return retrying(lambda: action(self._api()))
+            return call(lambda: action(self._api()))
         except ApiException as error:
             if is_transient(error):
-                raise self._unavailable(operation, subject, error, retrying) from error
+                raise self._unavailable(operation, subject, error, call) from error
             raise _from_api_exception(error, operation, subject) from error
         except (urllib3.exceptions.HTTPError, OSError) as error:
             if is_transient(error):
-                raise self._unavailable(operation, subject, error, retrying) from error
+                raise self._unavailable(operation, subject, error, call) from error
             raise KubernetesError(
-                f"Kubernetes {operation} of {subject} failed at {self._host()}: {_describe(error)}"
+                f"Kubernetes {operation} of {subject} failed at {self._host()}: "
+                f"{describe_error(error)}"
             ) from error
 
     def _unavailable(
-        self, operation: str, subject: str, error: BaseException, retrying: Retrying
+        self, operation: str, subject: str, error: BaseException, call: RetriedCall[Any]
     ) -> KubernetesUnavailable:
-        attempts = retrying.statistics.get("attempt_number", 1)
+        if call.shutting_down:
+            return KubernetesUnavailable(
+                f"gave up Kubernetes {operation} of {subject} after {call.attempts} attempt(s): "
+                f"{SHUTTING_DOWN}; last error from {self._host()}: {describe_error(error)}"
+            )
         return KubernetesUnavailable(
             f"Kubernetes API at {self._host()} kept failing {operation} of {subject}: "
-            f"{attempts} attempt(s) within the {self.retry_window:g} s retry window; "
-            f"last error: {_describe(error)}"
+            f"{call.attempts} attempt(s) within the {self.retry_window:g} s retry window; "
+            f"last error: {describe_error(error)}"
         )
 
     def _host(self) -> str:
         return str(getattr(self._configuration, "host", None) or "the API server")
-
-    def _log_retry(self, operation: str, subject: str, state: RetryCallState) -> None:
-        if self._log is None:
-            return
-        error = state.outcome.exception() if state.outcome is not None else None
-        self._log.warning(
-            "kubernetes_retry",
-            operation=operation,
-            subject=subject,
-            attempt=state.attempt_number,
-            delay=round(state.upcoming_sleep, 2),
-            error=_describe(error),
-        )
 
 
 def _from_api_exception(error: Any, operation: str, subject: str) -> KubernetesError:
@@ -268,9 +268,3 @@ def _server_message(error: Any) -> str:
     if isinstance(body, dict) and body.get("message"):
         return str(body["message"])
     return str(error.reason or "no reason given")
-
-
-def _describe(error: BaseException | None) -> str:
-    if error is None:
-        return "unknown error"
-    return f"{type(error).__name__}: {error}"

@@ -8,12 +8,16 @@ restart policy would no longer apply).
 
 from __future__ import annotations
 
-from sidecar.clients.docker_engine import ContainerInfo, DockerError, DockerGateway
+from sidecar.clients.docker_answers import ContainerInfo
+from sidecar.clients.docker_engine import DockerGateway
+from sidecar.clients.docker_errors import DockerError
 from sidecar.restarters.base import RestartError, TrainerStatus
+from sidecar.run.paths import RunPaths
 
 
 class ContainerRestarter:
     mode = "container"
+    acts = True
     exits_with_run = False
     stop_before_rewrite = False
     relaunches = True
@@ -25,6 +29,9 @@ class ContainerRestarter:
         self.container = container
         self.project = project
         self.kill_grace = kill_grace
+
+    def use_run(self, paths: RunPaths) -> None:
+        """Nothing to follow: this mode acts on the trainer, not on a run's files."""
 
     def start(self) -> None:
         """The container is started by compose; only check that it exists."""

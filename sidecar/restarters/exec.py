@@ -13,7 +13,8 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.clients.docker_engine import DockerError, DockerGateway
+from sidecar.clients.docker_engine import DockerGateway
+from sidecar.clients.docker_errors import DockerError
 from sidecar.restarters.base import RestartError, TrainerStatus
 from sidecar.restarters.signal import SignalRestarter
 from sidecar.run.paths import RunPaths
@@ -21,6 +22,7 @@ from sidecar.run.paths import RunPaths
 
 class ExecRestarter:
     mode = "exec"
+    acts = True
     exits_with_run = False
     stop_before_rewrite = True
     relaunches = True

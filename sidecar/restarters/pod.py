@@ -16,13 +16,16 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from sidecar import events
 from sidecar.clients.kubernetes_api import KubernetesError, KubernetesGateway
 from sidecar.restarters.base import RestartError, TrainerStatus
 from sidecar.restarters.signal import SignalRestarter
+from sidecar.run.paths import RunPaths
 
 
 class PodRestarter:
     mode = "pod"
+    acts = True
     exits_with_run = False
     # train.sh is rewritten while the trainer still runs: deleting the pod restarts it at
     # once on the replacement, which must find the new --resume already in place.
@@ -48,6 +51,9 @@ class PodRestarter:
         self.gateway = gateway
         self._log = log or (lambda *args, **kwargs: None)
 
+    def use_run(self, paths: RunPaths) -> None:
+        """Nothing to follow: this mode acts on the trainer, not on a run's files."""
+
     def start(self) -> None:
         """Check at start-up that RBAC allows deleting this pod, so a missing rule is
         reported now rather than at the first stall; the trainer is the kubelet's to start."""
@@ -62,7 +68,7 @@ class PodRestarter:
                 'ServiceAccount needs a Role rule apiGroups [""], resources ["pods"], verbs '
                 '["delete"] and a RoleBinding to it (k8s/overlays/job-pod-mode/rbac.yaml)'
             )
-        self._log("pod_restart_allowed", pod=self.pod_name, namespace=self.namespace)
+        self._log(events.POD_RESTART_ALLOWED, pod=self.pod_name, namespace=self.namespace)
 
     def status(self) -> TrainerStatus:
         return self.processes.status()
@@ -80,7 +86,7 @@ class PodRestarter:
         SIGTERM and the grace period asked for here (SIDECAR_KILL_GRACE).
         """
         self._log(
-            "pod_deleting",
+            events.POD_DELETING,
             pod=self.pod_name,
             namespace=self.namespace,
             grace_seconds=self.kill_grace,
@@ -89,4 +95,4 @@ class PodRestarter:
             self.gateway.delete_pod(self.pod_name, self.namespace, grace_seconds=self.kill_grace)
         except KubernetesError as error:
             raise RestartError(str(error)) from error
-        self._log("pod_deleted", pod=self.pod_name, namespace=self.namespace)
+        self._log(events.POD_DELETED, pod=self.pod_name, namespace=self.namespace)

@@ -36,22 +36,25 @@ from docker_support import (
 )
 from repo_paths import REPO_ROOT
 
+from sidecar import events
+from sidecar.clients.docker_answers import parse_docker_time
 from sidecar.clients.docker_engine import (
     COMPOSE_ONEOFF_LABEL,
     COMPOSE_PROJECT_LABEL,
     COMPOSE_SERVICE_LABEL,
+    DockerGateway,
+)
+from sidecar.clients.docker_errors import (
     ContainerNotFound,
     ContainerNotRunning,
     DockerError,
-    DockerGateway,
     DockerPermissionDenied,
     DockerUnavailable,
     is_transient,
     may_have_taken_effect,
-    own_container_id_candidates,
-    parse_docker_time,
     to_docker_error,
 )
+from sidecar.clients.docker_own_container import own_container_id_candidates
 
 pytestmark = pytest.mark.docker
 
@@ -358,6 +361,69 @@ def test_exec_start_refused_before_sending_is_retried(monkeypatch: pytest.Monkey
     assert len(delays) == 1
     # The connection failure discarded the client; the retry ran on a fresh one.
     assert len(clients) == 2
+
+
+class _DeadEngineApi(_FakeApi):
+    """An APIClient whose daemon refuses every connection; counts the inspects tried."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.inspects = 0
+
+    def inspect_container(self, container: str) -> dict[str, Any]:
+        self.inspects += 1
+        raise REFUSED
+
+
+def test_stop_during_backoff_ends_retries_without_another_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM while backing off: the daemon is not asked again, and the error says why."""
+    api = _DeadEngineApi()
+    fake_engine(monkeypatch, api)
+    stop = threading.Event()
+    delays: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        stop.set()
+
+    gateway = DockerGateway(retry_window=120, stop_event=stop, sleep=sleep)
+    with pytest.raises(DockerUnavailable) as raised:
+        gateway.inspect("trainer")
+    assert "the sidecar is shutting down" in str(raised.value)
+    assert "after 1 attempt(s)" in str(raised.value)
+    assert (api.inspects, len(delays)) == (1, 1)
+
+
+def test_unset_stop_event_retries_the_whole_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given but never set, the event changes nothing: the outage is retried as before."""
+    api = _DeadEngineApi()
+    fake_engine(monkeypatch, api)
+    delays: list[float] = []
+    gateway = DockerGateway(retry_window=20, stop_event=threading.Event(), sleep=delays.append)
+    with pytest.raises(DockerUnavailable, match=r"unreachable for inspect .*\(retry window 20 s\)"):
+        gateway.inspect("trainer")
+    assert api.inspects == len(delays) + 1 >= 5
+    assert sum(delays) <= 20
+
+
+def test_stop_wakes_the_default_backoff_at_once(tmp_path: Path) -> None:
+    """Without an injected sleep the backoff waits on the event: a stop ends it then."""
+    stop = threading.Event()
+    gateway = DockerGateway(
+        base_url=f"unix://{tmp_path}/missing.sock", retry_window=120, stop_event=stop
+    )
+    later(0.3, stop.set)
+    began = time.monotonic()
+    with (
+        structlog.testing.capture_logs() as logged,
+        pytest.raises(DockerUnavailable, match="shutting down"),
+    ):
+        gateway.inspect("trainer")
+    # The first backoff alone lasts 0.5-1 s; only the event can end the call sooner.
+    assert time.monotonic() - began < 0.5
+    assert len([event for event in logged if event["event"] == events.DOCKER_RETRY]) <= 1
 
 
 # -- finding containers ----------------------------------------------------------------------

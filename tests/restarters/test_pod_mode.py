@@ -17,10 +17,9 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,10 @@ from conftest import FAST_SETTINGS, FAST_SIMULATION, kill_everything
 from fake_kube_api import TOKEN, FakeKubeApi
 from repo_paths import REPO_ROOT
 from restart_policy import start_runtime, tree_pattern
+from sidecar_process import spawn_sidecar
 from structlog.testing import capture_logs
 
-from sidecar.clients.kubernetes_api import KubernetesGateway
+from sidecar.clients.kubernetes_api import KubernetesGateway, KubernetesUnavailable
 from sidecar.config import ConfigError, Settings, load_settings
 from sidecar.restarters import RestartError
 from sidecar.restarters.pod import PodRestarter
@@ -71,10 +71,18 @@ class Recorder:
 
 
 def make_restarter(
-    recorder: Recorder, *, retry_window: float = 60.0, pattern: str = r"(?!)"
+    recorder: Recorder,
+    *,
+    retry_window: float = 60.0,
+    pattern: str = r"(?!)",
+    stop_event: threading.Event | None = None,
+    sleep: Callable[[float], None] | None = None,
 ) -> PodRestarter:
     gateway = KubernetesGateway(
-        retry_window=retry_window, sleep=recorder.sleeps.append, log=structlog.get_logger()
+        retry_window=retry_window,
+        stop_event=stop_event,
+        sleep=sleep or recorder.sleeps.append,
+        log=structlog.get_logger(),
     )
     return PodRestarter(
         pattern=re.compile(pattern),
@@ -179,6 +187,51 @@ def test_an_unreachable_server_is_retried_then_reported(kube_api: FakeKubeApi):
     assert sum(recorder.sleeps) <= 10
 
 
+def test_shutdown_during_backoff_ends_the_retries(kube_api: FakeKubeApi):
+    """SIGTERM while a failing delete backs off: no further request, a RestartError saying why."""
+    kube_api.fail_next("delete", *[500] * 100)
+    recorder = Recorder()
+    stop = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        recorder.sleeps.append(seconds)
+        stop.set()
+
+    restarter = make_restarter(recorder, retry_window=120, stop_event=stop, sleep=sleep)
+    with pytest.raises(RestartError) as raised:
+        restarter.restart()
+    message = str(raised.value)
+    assert "the sidecar is shutting down" in message and "after 1 attempt(s)" in message
+    assert f"last error from {kube_api.url}: ApiException: (500)" in message
+    assert len(kube_api.deletes()) == 1 and len(recorder.sleeps) == 1
+
+
+def test_unset_stop_event_retries_as_before(kube_api: FakeKubeApi):
+    """Given but never set, the event changes nothing: the outage is retried until it ends."""
+    kube_api.fail_next("delete", 503, 500)
+    recorder = Recorder()
+    make_restarter(recorder, stop_event=threading.Event()).restart()
+    assert len(kube_api.deletes()) == 3 and len(recorder.sleeps) == 2
+    assert recorder.names() == ["pod_deleting", "pod_deleted"]
+
+
+def test_shutdown_wakes_the_default_backoff_at_once(kube_api: FakeKubeApi):
+    """Without an injected sleep the backoff waits on the event, so a stop ends it then."""
+    kube_api.stop()
+    stop = threading.Event()
+    gateway = KubernetesGateway(retry_window=120, stop_event=stop)
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(KubernetesUnavailable, match=r"after 1 attempt\(s\).*shutting down"):
+            gateway.delete_pod(POD, NAMESPACE, grace_seconds=30)
+    finally:
+        timer.cancel()
+    # The first backoff alone lasts 0.5-1 s; only the event can end the call sooner.
+    assert time.monotonic() - began < 0.5
+
+
 def test_no_credentials_is_a_restart_error_not_a_crash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -280,6 +333,21 @@ def test_build_restarter_makes_a_pod_restarter_without_calling_the_api(kube_api:
     assert not kube_api.requests
 
 
+def test_build_restarter_hands_the_stop_event_to_the_gateway(kube_api: FakeKubeApi):
+    """The sidecar's stop event reaches the Kubernetes gateway: once set, no call retries."""
+    kube_api.fail_next("delete", *[500] * 100)
+    settings = Settings(restart_mode="pod", pod_name=POD, pod_namespace=NAMESPACE)
+    stop = threading.Event()
+    stop.set()
+    restarter = build_restarter(settings, None, structlog.get_logger(), stop_event=stop)
+    assert isinstance(restarter, PodRestarter)
+    began = time.monotonic()
+    with pytest.raises(RestartError, match="shutting down"):
+        restarter.restart()
+    assert time.monotonic() - began < 5
+    assert len(kube_api.deletes()) == 1
+
+
 # --- the real loop --------------------------------------------------------------------------
 
 
@@ -321,14 +389,7 @@ class PodScene:
             "KUBECONFIG": str(self.kubeconfig),
         }
         sidecar_env.pop("KUBERNETES_SERVICE_HOST", None)
-        self.sidecar = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run"],
-            env=sidecar_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        self.sidecar = spawn_sidecar(sidecar_env)
         self.events = []
         # A reader thread, so that waiting for an event that never comes can time out.
         self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
