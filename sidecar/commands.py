@@ -9,25 +9,32 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
-from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
+import structlog
+
+from sidecar import events
+from sidecar.checkpoints.choice import run_candidates
+from sidecar.checkpoints.scan import Candidate, choose_checkpoint
 from sidecar.config import Settings
 from sidecar.log_setup import configure_logging, get_logger
 from sidecar.observe.gpu import NvmlGpuMonitor
+from sidecar.recover.resume_point import ResumePointer
 from sidecar.run.ledger import LedgerError, LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
-from sidecar.surface.http_server import heartbeat_health, probe
+from sidecar.surface.health import Heartbeat
+from sidecar.surface.http_server import probe
 from sidecar.surface.observability import Observability
-from sidecar.surface.status_report import build_report, render_text
-from sidecar.trainers.sd_scripts.launch_script import rewrite_train_script, script_diff
+from sidecar.surface.status_report import build_status_report, render_text
 from sidecar.watchdog import EXIT_ERROR, Watchdog
-from sidecar.wiring import build_restarter
+from sidecar.wiring import build_restarter, loop_options_of, resume_options_of
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
+
+# For commands that print their own outcome: the pipeline's events are not theirs to log.
+_QUIET = structlog.wrap_logger(structlog.ReturnLogger(), processors=[])
 
 
 def run(settings: Settings, arguments: argparse.Namespace) -> int:
@@ -37,21 +44,63 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
     log = get_logger()
     locator = RunLocator(settings, re.compile(settings.trainer_pattern))
     try:
-        if locator.following and settings.restart_mode == "process":
-            raise RunSetupError(
-                "process mode launches one train.sh: set SIDECAR_TRAIN_SCRIPT (an outputs root "
-                "in SIDECAR_OUTPUT_DIR is followed in the container modes)"
-            )
-        paths = locator.current()
+        paths = _run_to_watch(settings, locator)
     except RunSetupError as error:
-        log.error("configuration_invalid", reason=str(error))
+        log.error(events.CONFIGURATION_INVALID, reason=str(error))
         return EXIT_USAGE
     log.info(
-        "sidecar_started",
+        events.SIDECAR_STARTED,
         settings=settings.redacted(),
         following=str(locator.root) if locator.following else None,
         **(_paths_summary(paths) if paths else {}),
     )
+    stop_event, received = _stop_on_signals()
+    gpu = observability.wrap_gpu(NvmlGpuMonitor(settings.gpu_indices, logger=log))
+    try:
+        watchdog = Watchdog(
+            options=loop_options_of(settings),
+            locator=locator,
+            restarter=build_restarter(settings, paths, log, stop_event=stop_event),
+            gpu=gpu,
+            log=log,
+            stop_event=stop_event,
+            heartbeat=_heartbeat(settings, log).beat,
+            before_stop=observability.incident_recorder(log),
+            on_poll=observability.on_poll,
+        )
+        try:
+            observability.attach(watchdog, log)
+        except OSError as error:
+            log.error(
+                events.CONFIGURATION_INVALID,
+                reason=f"SIDECAR_HTTP_PORT {settings.http_port} cannot be served ({error}); "
+                "choose a free port, or 0 to disable the endpoint",
+            )
+            return EXIT_USAGE
+        code = watchdog.run()
+    except LedgerError as error:
+        log.error(events.CONFIGURATION_INVALID, reason=str(error))
+        return EXIT_ERROR
+    finally:
+        observability.close()
+        gpu.close()
+    if received:
+        log.info(events.SIDECAR_STOPPED, signal=signal.Signals(received[0]).name)
+        return 128 + received[0]
+    return code
+
+
+def _run_to_watch(settings: Settings, locator: RunLocator) -> RunPaths | None:
+    if locator.following and settings.restart_mode == "process":
+        raise RunSetupError(
+            "process mode launches one train.sh: set SIDECAR_TRAIN_SCRIPT (an outputs root "
+            "in SIDECAR_OUTPUT_DIR is followed in the container modes)"
+        )
+    return locator.current()
+
+
+def _stop_on_signals() -> tuple[threading.Event, list[int]]:
+    """SIGTERM and SIGINT only set the event the loop waits on; the signals received."""
     stop_event = threading.Event()
     received: list[int] = []
 
@@ -61,38 +110,16 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    gpu = observability.wrap_gpu(NvmlGpuMonitor(settings.gpu_indices, logger=log))
-    try:
-        watchdog = Watchdog(
-            settings=settings,
-            locator=locator,
-            restarter=build_restarter(settings, paths, log, stop_event=stop_event),
-            gpu=gpu,
-            log=log,
-            stop_event=stop_event,
-            before_stop=observability.incident_recorder(log),
-            on_poll=observability.on_poll,
-        )
-        try:
-            observability.attach(watchdog, log)
-        except OSError as error:
-            log.error(
-                "configuration_invalid",
-                reason=f"SIDECAR_HTTP_PORT {settings.http_port} cannot be served ({error}); "
-                "choose a free port, or 0 to disable the endpoint",
-            )
-            return EXIT_USAGE
-        code = watchdog.run()
-    except LedgerError as error:
-        log.error("configuration_invalid", reason=str(error))
-        return EXIT_ERROR
-    finally:
-        observability.close()
-        gpu.close()
-    if received:
-        log.info("sidecar_stopped", signal=signal.Signals(received[0]).name)
-        return 128 + received[0]
-    return code
+    return stop_event, received
+
+
+def _heartbeat(settings: Settings, log: Any = None) -> Heartbeat:
+    return Heartbeat(
+        settings.heartbeat_file,
+        poll_interval=settings.poll_interval,
+        kill_grace=settings.kill_grace,
+        log=log,
+    )
 
 
 def check(settings: Settings, arguments: argparse.Namespace) -> int:
@@ -101,7 +128,7 @@ def check(settings: Settings, arguments: argparse.Namespace) -> int:
     paths = _locate_run(settings, sys.stdout)
     if paths is None:
         return EXIT_PROBLEM
-    _, command = read_train_script(paths.train_script)
+    _, command = read_train_script(paths.train_script, paths.trainer)
     for key, value in _paths_summary(paths).items():
         print(f"{key + ':':<18} {value}")
     print(f"{'trainer script:':<18} {command.trainer_script}")
@@ -148,31 +175,23 @@ def resume(settings: Settings, arguments: argparse.Namespace) -> int:
     paths = _locate_run(settings, sys.stderr)
     if paths is None:
         return EXIT_PROBLEM
-    candidates = _candidates(settings, paths)
     try:
-        quarantined = [Path(p) for p in LedgerStore(paths.state_dir).load().quarantined]
+        ledger = LedgerStore(paths.state_dir).load()
     except LedgerError as error:
         print(f"problem: {error}", file=sys.stderr)
         return EXIT_PROBLEM
-    chosen = choose_checkpoint(candidates, exclude=quarantined)
+    # The recovery's own pipeline; this command prints its outcome instead of logging it.
+    pointer = ResumePointer(paths, resume_options_of(settings), _QUIET)
+    chosen = pointer.newest(ledger, now=time.time(), settle=settings.checkpoint_settle)
     if chosen is None:
         print("problem: no complete checkpoint to resume from", file=sys.stderr)
-        _print_candidates(candidates, None)
+        _print_candidates(_candidates(settings, paths), None)
         return EXIT_PROBLEM
-    trainer_path = paths.path_map.to_trainer(str(chosen.path))
     if arguments.dry_run:
-        from sidecar.trainers.sd_scripts.train_script import ensure_option, set_resume
-
-        old, _ = read_train_script(paths.train_script)
-        new = ensure_option(old, "--save_state") if settings.ensure_save_state else old
-        new = set_resume(new, trainer_path)
-        print(
-            "\n".join(script_diff(old, new, paths.train_script, context=1)) or "train.sh unchanged"
-        )
+        print("\n".join(pointer.planned_rewrite(str(chosen.path))) or "train.sh unchanged")
         return 0
-    changed, old, new = rewrite_train_script(
-        paths.train_script, resume_from=trainer_path, ensure_save_state=settings.ensure_save_state
-    )
+    changed = pointer.point_at(str(chosen.path), reason="training-sidecar resume")
+    trainer_path = paths.path_map.to_trainer(str(chosen.path))
     print(f"{'rewrote' if changed else 'unchanged'} {paths.train_script}: --resume {trainer_path}")
     return 0
 
@@ -187,7 +206,7 @@ def healthcheck(settings: Settings, arguments: argparse.Namespace) -> int:
     if settings.http_port:
         health = probe(settings.http_port, "/healthz")
     else:
-        health = heartbeat_health(settings)
+        health = _heartbeat(settings).health()
     message = health.message.removeprefix("ok: ").removeprefix("unhealthy: ")
     print(f"{'healthy' if health.ok else 'unhealthy'}: {message}")
     return 0 if health.ok else EXIT_PROBLEM
@@ -204,7 +223,13 @@ def status(settings: Settings, arguments: argparse.Namespace) -> int:
         print(f"problem: no run under {settings.output_dir} yet", file=sys.stderr)
         return EXIT_PROBLEM
     try:
-        report = build_report(settings, paths)
+        report = build_status_report(
+            paths,
+            heartbeat=_heartbeat(settings),
+            max_restarts=settings.max_restarts,
+            stall_after=settings.stall_timeout_bound,
+            checkpoint_settle=settings.checkpoint_settle,
+        )
     except LedgerError as error:
         print(f"problem: {error}", file=sys.stderr)
         return EXIT_PROBLEM
@@ -226,12 +251,7 @@ def _locate_run(settings: Settings, stream: TextIO) -> RunPaths | None:
 
 
 def _candidates(settings: Settings, paths: RunPaths) -> list[Candidate]:
-    return find_candidates(
-        paths.output_dir,
-        now=time.time(),
-        settle_seconds=settings.checkpoint_settle,
-        output_name=paths.output_name,
-    )
+    return run_candidates(paths, now=time.time(), settle=settings.checkpoint_settle)
 
 
 def _paths_summary(paths: RunPaths) -> dict[str, str]:

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sidecar import events
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 
 DEMO_SETTINGS = {
@@ -41,26 +42,26 @@ SIMULATION = {
     "SIM_FAULTS": "hang_idle@step=40:once",
 }
 _SHOWN = {
-    "sidecar_started": lambda e: f"watching {e.get('train_script')}",
-    "train_script_rewritten": lambda e: " ".join(
+    events.SIDECAR_STARTED: lambda e: f"watching {e.get('train_script')}",
+    events.TRAIN_SCRIPT_REWRITTEN: lambda e: " ".join(
         line for line in e.get("diff", []) if line.startswith("+") and not line.startswith("+++")
     ),
-    "trainer_started": lambda e: f"trainer launched (pid {e.get('pid')})",
-    "stall_detected": lambda e: (
+    events.TRAINER_STARTED: lambda e: f"trainer launched (pid {e.get('pid')})",
+    events.STALL_DETECTED: lambda e: (
         f"{e.get('reason')}; last step {e.get('last_step')}/"
         f"{e.get('total_steps')}, trainer CPU {e.get('trainer_cpu_seconds')} s"
     ),
-    "trainer_crashed": lambda e: e.get("reason", ""),
-    "checkpoint_selected": lambda e: (
+    events.TRAINER_CRASHED: lambda e: e.get("reason", ""),
+    events.CHECKPOINT_SELECTED: lambda e: (
         f"{Path(e['checkpoint']).name if e.get('checkpoint') else 'none'} ({e.get('reason')})"
     ),
-    "trainer_restarted": lambda e: (
+    events.TRAINER_RESTARTED: lambda e: (
         f"restart {e.get('restarts')}, budget left {e.get('budget_left')}"
     ),
-    "training_completed": lambda e: e.get("reason", ""),
-    "gave_up": lambda e: e.get("reason", ""),
-    "configuration_invalid": lambda e: e.get("reason", ""),
-    "restart_failed": lambda e: e.get("reason", ""),
+    events.TRAINING_COMPLETED: lambda e: e.get("reason", ""),
+    events.GAVE_UP: lambda e: e.get("reason", ""),
+    events.CONFIGURATION_INVALID: lambda e: e.get("reason", ""),
+    events.RESTART_FAILED: lambda e: e.get("reason", ""),
 }
 
 
@@ -69,8 +70,8 @@ def run_demo(*, keep: bool = False) -> int:
     try:
         tree = build_fluxgym_tree(root / "fluxgym")
         print(f"demo: simulated FluxGym at {tree.root}; the first run will hang at step 40\n")
-        events = _watch(tree.train_script, tree.env({**SIMULATION, **DEMO_SETTINGS}))
-        return _summarise(events, tree.output_dir)
+        seen = _watch(tree.train_script, tree.env({**SIMULATION, **DEMO_SETTINGS}))
+        return _summarise(seen, tree.output_dir)
     finally:
         if keep:
             print(f"\ndemo folder kept: {root}")
@@ -87,7 +88,7 @@ def _watch(train_script: Path, env: dict[str, str]) -> list[dict[str, Any]]:
         "SIDECAR_HEARTBEAT_FILE": str(train_script.parent / ".sidecar" / "heartbeat"),
     }
     command = [sys.executable, "-m", "sidecar", "run"]
-    events: list[dict[str, Any]] = []
+    seen: list[dict[str, Any]] = []
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as sidecar:
@@ -97,7 +98,7 @@ def _watch(train_script: Path, env: dict[str, str]) -> list[dict[str, Any]]:
                 event = _parse(line)
                 if event is None:
                     continue
-                events.append(event)
+                seen.append(event)
                 render = _SHOWN.get(event["event"])
                 if render:
                     print(f"{_clock(event)}  {event['event']:<22} {render(event)}", flush=True)
@@ -106,18 +107,20 @@ def _watch(train_script: Path, env: dict[str, str]) -> list[dict[str, Any]]:
         code = sidecar.wait()
         if code != 0 and sidecar.stderr is not None:
             print(sidecar.stderr.read()[-2000:], file=sys.stderr)
-        events.append({"event": "_exit", "code": code})
-    return events
+        seen.append({"event": "_exit", "code": code})
+    return seen
 
 
-def _summarise(events: list[dict[str, Any]], output_dir: Path) -> int:
-    code = events[-1]["code"]
+def _summarise(seen: list[dict[str, Any]], output_dir: Path) -> int:
+    code = seen[-1]["code"]
     by_name: dict[str, list[dict[str, Any]]] = {}
-    for event in events:
+    for event in seen:
         by_name.setdefault(event["event"], []).append(event)
     print("\nsummary")
     for stall, restart in zip(
-        by_name.get("stall_detected", []), by_name.get("trainer_restarted", []), strict=False
+        by_name.get(events.STALL_DETECTED, []),
+        by_name.get(events.TRAINER_RESTARTED, []),
+        strict=False,
     ):
         recovery = _seconds_between(stall, restart)
         print(
@@ -126,7 +129,7 @@ def _summarise(events: list[dict[str, Any]], output_dir: Path) -> int:
         )
     finals = sorted(p.name for p in output_dir.glob("*.safetensors"))
     states = sorted(p.name for p in output_dir.glob("*-state"))
-    print(f"  restarts: {len(by_name.get('trainer_restarted', []))}, sidecar exit code {code}")
+    print(f"  restarts: {len(by_name.get(events.TRAINER_RESTARTED, []))}, sidecar exit code {code}")
     print(f"  state folders: {', '.join(states) or 'none'}")
     print(f"  final model present: {any(name == 'my-lora.safetensors' for name in finals)}")
     return int(code)

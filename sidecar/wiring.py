@@ -1,4 +1,5 @@
-"""Assembles a run from the settings: the restarter for the mode, with its clients.
+"""Assembles a run from the settings: the loop's options (policy, recovery rules, resume
+options) and the restarter for the mode with its clients.
 
 The only place that turns the settings into parts; each part gets the few values it needs.
 """
@@ -10,8 +11,13 @@ import threading
 from typing import Any
 
 from sidecar.config import Settings
+from sidecar.decide.cadence import AdaptiveTimeout
+from sidecar.decide.decision import Policy
+from sidecar.decide.recovery_rules import RecoveryRules
+from sidecar.recover.resume_point import ResumeOptions
 from sidecar.restarters.base import Restarter
 from sidecar.run.paths import RunPaths
+from sidecar.watchdog import LoopOptions
 
 
 def build_restarter(
@@ -20,45 +26,64 @@ def build_restarter(
     log: Any,
     *,
     stop_event: threading.Event | None = None,
-) -> Restarter | None:
-    """The restarter for ``SIDECAR_RESTART_MODE``; None in detect-only mode."""
+) -> Restarter:
+    """The restarter for ``SIDECAR_RESTART_MODE``. ``stop_event`` ends the Docker and
+    Kubernetes clients' retries when the sidecar is told to stop."""
     mode = settings.restart_mode
     pattern = re.compile(settings.trainer_pattern)
     if mode == "none":
-        return None
-    if mode == "process":
-        from sidecar.restarters.process import ProcessRestarter, default_echo
-        from sidecar.run.lock import TrainerPidFile
+        from sidecar.restarters.detect_only import DetectOnly
 
-        assert paths is not None
-        return ProcessRestarter(
-            train_script=paths.train_script,
-            workdir=paths.trainer_workdir,
-            train_log=paths.train_log,
-            kill_grace=settings.kill_grace,
-            echo=default_echo() if settings.echo_trainer_output else None,
-            log=log.info,
-            pid_file=TrainerPidFile(paths.state_dir),
-        )
+        return DetectOnly()
+    if mode == "process":
+        assert paths is not None  # process mode watches one train.sh, located at start
+        return _process_restarter(settings, paths, log)
     if mode == "signal":
         from sidecar.restarters.signal import SignalRestarter
 
         return SignalRestarter(pattern=pattern, kill_grace=settings.kill_grace, log=log.info)
     if mode == "pod":
-        from sidecar.clients.kubernetes_api import KubernetesGateway
-        from sidecar.restarters.pod import PodRestarter
+        return _pod_restarter(settings, pattern, log, stop_event)
+    return _docker_restarter(settings, pattern, log, stop_event)
 
-        assert settings.pod_name and settings.pod_namespace  # checked by the settings model
-        return PodRestarter(
-            pattern=pattern,
-            kill_grace=settings.kill_grace,
-            pod_name=settings.pod_name,
-            namespace=settings.pod_namespace,
-            # Credentials are loaded on the first call, so a pod without a token mounted
-            # reports it as a restart problem instead of failing to start.
-            gateway=KubernetesGateway(stop_event=stop_event, log=log),
-            log=log.info,
-        )
+
+def _process_restarter(settings: Settings, paths: RunPaths, log: Any) -> Restarter:
+    from sidecar.restarters.process import ProcessRestarter, default_echo
+    from sidecar.run.lock import TrainerPidFile
+
+    return ProcessRestarter(
+        train_script=paths.train_script,
+        workdir=paths.trainer_workdir,
+        train_log=paths.train_log,
+        kill_grace=settings.kill_grace,
+        echo=default_echo() if settings.echo_trainer_output else None,
+        log=log.info,
+        pid_file=TrainerPidFile(paths.state_dir),
+    )
+
+
+def _pod_restarter(
+    settings: Settings, pattern: re.Pattern[str], log: Any, stop_event: threading.Event | None
+) -> Restarter:
+    from sidecar.clients.kubernetes_api import KubernetesGateway
+    from sidecar.restarters.pod import PodRestarter
+
+    assert settings.pod_name and settings.pod_namespace  # checked by the settings model
+    return PodRestarter(
+        pattern=pattern,
+        kill_grace=settings.kill_grace,
+        pod_name=settings.pod_name,
+        namespace=settings.pod_namespace,
+        # Credentials are loaded on the first call, so a pod without a token mounted
+        # reports it as a restart problem instead of failing to start.
+        gateway=KubernetesGateway(stop_event=stop_event, log=log),
+        log=log.info,
+    )
+
+
+def _docker_restarter(
+    settings: Settings, pattern: re.Pattern[str], log: Any, stop_event: threading.Event | None
+) -> Restarter:
     from sidecar.clients.docker_engine import DockerGateway
 
     gateway = DockerGateway(
@@ -66,7 +91,7 @@ def build_restarter(
     )
     project = settings.compose_project or gateway.own_compose_project()
     assert settings.trainer_container is not None  # checked by the settings model
-    if mode == "container":
+    if settings.restart_mode == "container":
         from sidecar.restarters.container import ContainerRestarter
 
         return ContainerRestarter(
@@ -84,4 +109,45 @@ def build_restarter(
         pattern=pattern,
         kill_grace=settings.kill_grace,
         log=log.info,
+    )
+
+
+def policy_of(settings: Settings) -> Policy:
+    """How verdicts are reached: the stall, GPU-idle and start-up rules."""
+    adaptive = None
+    if settings.stall_timeout == "auto":
+        adaptive = AdaptiveTimeout(settings.stall_timeout_floor, settings.stall_timeout_ceiling)
+    return Policy(
+        stall_timeout=settings.stall_timeout_bound,
+        gpu_idle_timeout=settings.gpu_idle_timeout,
+        gpu_idle_percent=settings.gpu_idle_percent,
+        startup_grace=settings.startup_grace,
+        adaptive=adaptive,
+    )
+
+
+def recovery_rules_of(settings: Settings) -> RecoveryRules:
+    return RecoveryRules(
+        max_restarts=settings.max_restarts,
+        backoff=settings.restart_backoff,
+        backoff_max=settings.restart_backoff_max,
+        startup_grace=settings.startup_grace,
+    )
+
+
+def resume_options_of(settings: Settings) -> ResumeOptions:
+    return ResumeOptions(
+        ensure_save_state=settings.ensure_save_state,
+        allow_scratch=settings.fallback == "scratch",
+    )
+
+
+def loop_options_of(settings: Settings) -> LoopOptions:
+    return LoopOptions(
+        poll_interval=settings.poll_interval,
+        checkpoint_settle=settings.checkpoint_settle,
+        keep_resume_current=settings.keep_resume_current,
+        resume=resume_options_of(settings),
+        policy=policy_of(settings),
+        rules=recovery_rules_of(settings),
     )

@@ -1,9 +1,11 @@
 """Find the state folders a stalled run can resume from, and pick the newest complete one.
 
-sd-scripts saves resumable state with accelerate into immediate subfolders of
-``--output_dir`` (REFERENCE sections 2 and 3). Nothing marks a folder complete,
-``train_state.json`` is written first rather than last, old folders are deleted
-while we look, and after a resume the step numbers in the names restart at 0.
+sd-scripts (like any trainer that saves through accelerate) writes resumable state
+into immediate subfolders of ``--output_dir`` (REFERENCE sections 2 and 3); the
+trainer's ``StateNaming`` reads the folder names and ``accelerate_files`` knows the
+files. Nothing marks a folder complete, ``train_state.json`` is written first
+rather than last, old folders are deleted while we look, and after a resume the
+step numbers in the names restart at 0.
 So a folder counts only when every file is present, structurally intact and
 has stopped changing, and "newest" means newest completion time, never the
 highest number in the name.
@@ -15,41 +17,19 @@ The scan does one directory listing per folder and reads only file headers
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeAlias
 
-from sidecar.checkpoints.file_checks import inspect_state_file
+from sidecar.checkpoints.accelerate_files import ACCELERATE_MARKER, STATE_FILE, missing_files
+from sidecar.checkpoints.file_checks import FileReport, inspect_state_file
+from sidecar.checkpoints.file_memo import FileReportMemo
+from sidecar.checkpoints.naming import CandidateKind, NamedState, StateNaming
+from sidecar.trainers.sd_scripts.state_naming import state_naming as sd_scripts_state_naming
 
-CandidateKind = Literal["epoch", "step", "final", "accelerate"]
+__all__ = ["Candidate", "CandidateKind", "choose_checkpoint", "find_candidates"]
 
-FINAL_STATE_PROBLEM = "end-of-training state: sd-scripts cannot resume from it"
-
-_Named: TypeAlias = tuple[CandidateKind, int | None]  # kind, and the number in the name
-_ACCELERATE: _Named = ("accelerate", None)
-
-# Files accelerate's save_state writes, in its order; the numbered "_<i>" forms are
-# the extra models, optimizers, schedulers and dataloaders, and one random state per process.
-_WEIGHTS = re.compile(r"(?:model(?:_\d+)?\.safetensors|pytorch_model(?:_\d+)?\.bin)")
-_STATE_FILE = re.compile(
-    r"train_state\.json"
-    r"|model(?:_\d+)?\.safetensors|pytorch_model(?:_\d+)?\.bin"
-    r"|(?:optimizer|scheduler|sampler|dl_state_dict)(?:_\d+)?\.bin"
-    r"|scaler\.pt"
-    r"|(?:random_states|custom_checkpoint)_\d+\.pkl"
-)
-# Any of these makes an otherwise unnamed folder an accelerate state folder.
-_ACCELERATE_MARKER = re.compile(
-    r"(?:optimizer|scheduler)(?:_\d+)?\.bin|random_states_\d+\.pkl|" + _WEIGHTS.pattern
-)
-_PRIMARY_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-_REQUIRED = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
-
-# Folders in output_dir that are never state: FluxGym's sample images, and hidden
-# ones such as the sidecar's own .sidecar.
-_NOT_STATE_FOLDERS = frozenset({"sample"})
+_ACCELERATE: NamedState = ("accelerate", None)
 
 
 @dataclass(frozen=True)
@@ -66,66 +46,39 @@ class Candidate:
     epoch: int | None  # current_epoch from train_state.json when readable
 
 
-@dataclass(frozen=True)
-class _StateNaming:
-    """sd-scripts' state folder names (train_util.py), optionally for one output_name."""
-
-    step: re.Pattern[str]
-    epoch: re.Pattern[str]
-    final: re.Pattern[str]
-
-    @classmethod
-    def for_output_name(cls, output_name: str | None) -> _StateNaming:
-        prefix = ".+" if output_name is None else re.escape(output_name)
-        # {:06d} and {:08d} are minimum widths, so longer numbers are still the same naming.
-        return cls(
-            step=re.compile(rf"{prefix}-step(\d{{8,}})-state"),
-            epoch=re.compile(rf"{prefix}-(\d{{6,}})-state"),
-            final=re.compile(rf"{prefix}-state"),
-        )
-
-    def classify(self, name: str) -> _Named | None:
-        # Step and epoch first: without an output_name, "x-000004-state" also fits final.
-        if match := self.step.fullmatch(name):
-            return "step", int(match[1])
-        if match := self.epoch.fullmatch(name):
-            return "epoch", int(match[1])
-        if self.final.fullmatch(name):
-            return "final", None
-        if self is not _ANY_NAME and _ANY_NAME.classify(name) == ("final", None):
-            # Another output_name's end-of-training state in the same folder: sd-scripts
-            # cannot resume from it either, so it must never be chosen as a plain folder.
-            return "final", None
-        return None
-
-
-_ANY_NAME = _StateNaming.for_output_name(None)
-
-
 def find_candidates(
     output_dir: Path,
     *,
     now: float,
     settle_seconds: float = 10.0,
     output_name: str | None = None,
+    naming: Callable[[str | None], StateNaming] = sd_scripts_state_naming,
+    memo: FileReportMemo | None = None,
 ) -> list[Candidate]:
     """Every state folder directly in ``output_dir``: complete ones newest first, then the rest.
 
     ``now`` is the caller's wall clock (compared with file mtimes); a folder whose
     newest file changed less than ``settle_seconds`` before it is still being written.
-    A missing ``output_dir`` means no state yet and gives an empty list.
+    A missing ``output_dir`` means no state yet and gives an empty list. ``naming`` is the
+    trainer's state naming for an output name (sd-scripts' by default); ``output_name``
+    None accepts any output name. ``memo`` keeps the reports of files already checked, for
+    a caller that scans the same folder again and again (the loop, every poll).
     """
-    naming = _StateNaming.for_output_name(output_name)
+    names = naming(output_name)
     candidates = []
     for folder in _state_folder_entries(output_dir):
-        candidate = _examine(folder, naming, now=now, settle_seconds=settle_seconds)
+        if folder.name in names.ignored_folders:
+            continue
+        candidate = _examine(
+            folder, names, now=now, settle_seconds=settle_seconds, inspect=_inspector(memo)
+        )
         if candidate is not None:
             candidates.append(candidate)
     return _newest_complete_first(candidates)
 
 
 def choose_checkpoint(
-    candidates: Sequence[Candidate], *, exclude: Collection[Path] = ()
+    candidates: Sequence[Candidate], *, exclude: Collection[str | Path] = ()
 ) -> Candidate | None:
     """The first complete candidate not in ``exclude`` (e.g. quarantined after a failed resume)."""
     excluded = {Path(path) for path in exclude}
@@ -144,7 +97,9 @@ def _state_folder_entries(output_dir: Path) -> list[os.DirEntry[str]]:
 
 
 def _may_hold_state(entry: os.DirEntry[str]) -> bool:
-    if entry.name.startswith(".") or entry.name in _NOT_STATE_FOLDERS:
+    # Hidden folders (the sidecar's own .sidecar among them) are never state; the trainer's
+    # naming names its own (FluxGym's sample images), which find_candidates skips.
+    if entry.name.startswith("."):
         return False
     try:
         # follow_symlinks=False: a link to / or a link loop is neither entered nor escaped through.
@@ -153,8 +108,19 @@ def _may_hold_state(entry: os.DirEntry[str]) -> bool:
         return False
 
 
+def _inspector(memo: FileReportMemo | None) -> Callable[[os.DirEntry[str]], FileReport]:
+    if memo is not None:
+        return memo.inspect
+    return lambda entry: inspect_state_file(entry.path)
+
+
 def _examine(
-    entry: os.DirEntry[str], naming: _StateNaming, *, now: float, settle_seconds: float
+    entry: os.DirEntry[str],
+    naming: StateNaming,
+    *,
+    now: float,
+    settle_seconds: float,
+    inspect: Callable[[os.DirEntry[str]], FileReport],
 ) -> Candidate | None:
     folder = Path(entry.path)
     named = naming.classify(entry.name)
@@ -166,16 +132,24 @@ def _examine(
         # Without a state name, only its contents could have made it a candidate.
         return None if named is None else _unreadable_folder(folder, named, error)
     if named is None:
-        if not any(_ACCELERATE_MARKER.fullmatch(name) for name in files):
+        if not any(ACCELERATE_MARKER.fullmatch(name) for name in files):
             return None
         named = _ACCELERATE
-    candidate = _assess(folder, named, files, now=now, settle_seconds=settle_seconds)
+    candidate = _assess(
+        folder,
+        named,
+        files,
+        now=now,
+        settle_seconds=settle_seconds,
+        refusal=naming.refusal,
+        inspect=inspect,
+    )
     if candidate.problems and not _exists(folder):
         return None  # deleted while we read it; its problems are an artefact of that
     return candidate
 
 
-def _unreadable_folder(folder: Path, named: _Named, error: OSError) -> Candidate:
+def _unreadable_folder(folder: Path, named: NamedState, error: OSError) -> Candidate:
     kind, number = named
     return Candidate(
         path=folder,
@@ -208,19 +182,21 @@ def _is_real_folder(entry: os.DirEntry[str]) -> bool:
 
 def _assess(
     folder: Path,
-    named: _Named,
+    named: NamedState,
     files: dict[str, os.DirEntry[str]],
     *,
     now: float,
     settle_seconds: float,
+    refusal: Callable[[CandidateKind], str | None],
+    inspect: Callable[[os.DirEntry[str]], FileReport],
 ) -> Candidate:
     kind, number = named
-    problems = _missing_files(files.keys())
+    problems = missing_files(files.keys())
     newest: float | None = None
     epoch = step = None
     for name in sorted(files):
-        if _STATE_FILE.fullmatch(name):
-            report = inspect_state_file(files[name].path)
+        if STATE_FILE.fullmatch(name):
+            report = inspect(files[name])
             if report.problem is not None:
                 problems.append(f"{name}: {report.problem}")
             elif name == "train_state.json":
@@ -234,8 +210,9 @@ def _assess(
     # so file times — and a wall clock that jumped — do not matter.
     if newest is not None and settle_seconds > 0 and now - newest < settle_seconds:
         problems.append(_still_written(now - newest))
-    if kind == "final":
-        problems.insert(0, FINAL_STATE_PROBLEM)
+    refused = refusal(kind)
+    if refused is not None:
+        problems.insert(0, refused)
     if "\n" in folder.name:
         # train.sh cannot name it safely (quote_word refuses): choosing it would stall the
         # recovery on a rewrite that can never succeed.
@@ -250,14 +227,6 @@ def _assess(
         step=step,
         epoch=epoch,
     )
-
-
-def _missing_files(names: Collection[str]) -> list[str]:
-    problems = []
-    if not any(weights in names for weights in _PRIMARY_WEIGHTS):
-        problems.append("model weights missing (model.safetensors or pytorch_model.bin)")
-    problems.extend(f"{name} missing" for name in _REQUIRED if name not in names)
-    return problems
 
 
 def _mtime_of_other_file(entry: os.DirEntry[str]) -> float | None:

@@ -23,6 +23,8 @@ from typing import Protocol
 import pynvml
 import structlog
 
+from sidecar import events
+
 # pynvml wraps every NVML return code in an NVMLError subclass; OSError covers a
 # library that exists but cannot be used (wrong architecture, missing symbols at load).
 _NVML_FAILURES: tuple[type[Exception], ...] = (pynvml.NVMLError, OSError)
@@ -58,15 +60,6 @@ class GpuReading:
 
     samples: tuple[GpuSample, ...]
     error: str | None = None  # set when this poll failed (e.g. "GPU is lost"); samples empty
-
-    def all_below(self, threshold_percent: float) -> bool:
-        """True when every watched GPU is below the threshold.
-
-        An empty reading (a failed poll) is not evidence of idleness, so it is False.
-        """
-        if not self.samples:
-            return False
-        return all(sample.utilization_percent < threshold_percent for sample in self.samples)
 
 
 class GpuMonitor(Protocol):
@@ -187,7 +180,7 @@ class NvmlGpuMonitor:
         if not self._seen_gpu:
             self._seen_gpu = True
             self._log.info(
-                "gpu_detected",
+                events.GPU_DETECTED,
                 count=len(devices),
                 indices=[device.index for device in devices],
                 names=names,
@@ -202,13 +195,13 @@ class NvmlGpuMonitor:
         if not self._unavailable_logged:
             self._unavailable_logged = True
             self._log.info(
-                "gpu_unavailable",
+                events.GPU_UNAVAILABLE,
                 reason=reason,
                 error_type=error_type,
                 retry_interval=self._retry_interval,
             )
         else:
-            self._log.debug("gpu_init_retry_failed", reason=reason, error_type=error_type)
+            self._log.debug(events.GPU_INIT_RETRY_FAILED, reason=reason, error_type=error_type)
         if self._retry_interval is None:
             self._next_init_attempt = math.inf
         else:
@@ -234,7 +227,7 @@ class NvmlGpuMonitor:
         if index in self._reported_missing:
             return
         self._reported_missing.add(index)
-        self._log.warning("gpu_index_missing", index=index, device_count=count)
+        self._log.warning(events.GPU_INDEX_MISSING, index=index, device_count=count)
 
     def _no_device_reason(self) -> str:
         if self._requested is None:
@@ -246,7 +239,7 @@ class NvmlGpuMonitor:
         try:
             return _as_text(pynvml.nvmlSystemGetDriverVersion())
         except _NVML_FAILURES as error:
-            self._log.debug("gpu_driver_version_unknown", error=str(error))
+            self._log.debug(events.GPU_DRIVER_VERSION_UNKNOWN, error=str(error))
             return None
 
     def _shutdown(self) -> None:
@@ -258,7 +251,7 @@ class NvmlGpuMonitor:
         try:
             pynvml.nvmlShutdown()
         except _NVML_FAILURES as error:
-            self._log.debug("gpu_shutdown_failed", error=str(error))
+            self._log.debug(events.GPU_SHUTDOWN_FAILED, error=str(error))
 
     # -- polling ------------------------------------------------------------------------
 
@@ -285,7 +278,7 @@ class NvmlGpuMonitor:
         """Report a failed poll; log it only when it is new, so a dead card cannot flood the log."""
         if error != self._last_poll_error:
             self._log.warning(
-                "gpu_poll_failed",
+                events.GPU_POLL_FAILED,
                 error=error,
                 error_type=error_type,
                 reinitialise_next_poll=reinitialise,
@@ -296,7 +289,7 @@ class NvmlGpuMonitor:
     def _note_recovery(self) -> None:
         if self._last_poll_error is None:
             return
-        self._log.info("gpu_poll_recovered", previous_error=self._last_poll_error)
+        self._log.info(events.GPU_POLL_RECOVERED, previous_error=self._last_poll_error)
         self._last_poll_error = None
 
 

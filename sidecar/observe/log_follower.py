@@ -3,16 +3,19 @@
 The log of a multi-day run reaches gigabytes, so each poll reads only what was
 appended since the previous one (and at most ``max_read_bytes`` of it: when more
 arrived, only the tail matters for the latest step). A truncated or replaced
-file is followed from its start again.
+file is followed from its start again. Which line is the step counter is the
+trainer's knowledge: the follower is given its reader (sd-scripts' by default).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.observe.progress import StepProgress, parse_step
+from sidecar.observe.progress import StepProgress, TqdmBar, bar_to_step
+from sidecar.trainers.sd_scripts.progress_lines import step_bar as sd_scripts_step_bar
 
 _SEPARATORS = ("\r", "\n")
 
@@ -27,8 +30,17 @@ class LogDelta:
 
 
 class LogFollower:
-    def __init__(self, path: Path, *, max_read_bytes: int = 1 << 20, carry_limit: int = 4096):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_read_bytes: int = 1 << 20,
+        carry_limit: int = 4096,
+        step_bar: Callable[[str], TqdmBar | None] = sd_scripts_step_bar,
+    ):
+        """``step_bar`` finds the trainer's last step counter bar in newly read output."""
         self.path = path
+        self._step_bar = step_bar
         self._max_read = max_read_bytes
         self._carry_limit = carry_limit
         self._offset = 0
@@ -66,7 +78,7 @@ class LogFollower:
         return LogDelta(
             grew=True,
             new_bytes=pending,
-            progress=parse_step(text),
+            progress=bar_to_step(self._step_bar(text)),
             size=status.st_size,
             mtime=status.st_mtime,
         )

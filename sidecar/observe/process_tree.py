@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -86,6 +87,20 @@ def usage_of(processes: Sequence[psutil.Process]) -> TreeUsage:
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return TreeUsage(processes=alive, cpu_seconds=round(cpu, 2), write_bytes=written)
+
+
+def usage_figures(trainer_pids: Sequence[int]) -> dict[str, Any]:
+    """CPU time and bytes written by the trainer's process trees, for a verdict's figures;
+    empty where its processes are not visible (container mode without a shared namespace)."""
+    if not trainer_pids:
+        return {}
+    trees = [process for pid in trainer_pids for process in tree_of(pid)]
+    usage = usage_of(trees[: 4 * len(trainer_pids)])
+    return {
+        "trainer_processes": usage.processes,
+        "trainer_cpu_seconds": usage.cpu_seconds,
+        "trainer_write_bytes": usage.write_bytes,
+    }
 
 
 def terminate_tree(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sidecar.run.paths import RunPaths
 
 
 class RestartError(Exception):
@@ -19,6 +22,8 @@ class TrainerStatus:
 
 class Restarter(Protocol):
     mode: str
+    # False only in detect-only mode: verdicts are reported, the trainer is never touched.
+    acts: bool
     # Process mode's job ends with its run; container modes stay up for the next one.
     exits_with_run: bool
     # True: stop the trainer, then choose the checkpoint and rewrite train.sh (nothing is
@@ -26,6 +31,9 @@ class Restarter(Protocol):
     stop_before_rewrite: bool
     # False when someone else (the orchestrator's restart policy) brings the trainer back.
     relaunches: bool
+
+    def use_run(self, paths: RunPaths) -> None:
+        """Follow the run now watched (container modes move between runs of one root)."""
 
     def start(self) -> None:
         """Launch the trainer for the first time, where this mode launches it at all."""

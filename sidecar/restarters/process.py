@@ -24,16 +24,19 @@ from typing import BinaryIO
 import psutil
 import tenacity
 
+from sidecar import events
 from sidecar.observe.process_tree import group_members, terminate_tree, tree_of
 from sidecar.observe.trainer_processes import script_runner
 from sidecar.restarters.base import RestartError, TrainerStatus
 from sidecar.run.lock import TrainerPidFile
+from sidecar.run.paths import RunPaths
 
 _CHUNK = 64 * 1024
 
 
 class ProcessRestarter:
     mode = "process"
+    acts = True
     exits_with_run = True
     stop_before_rewrite = True
     relaunches = True
@@ -66,6 +69,9 @@ class ProcessRestarter:
 
     # -- Restarter ---------------------------------------------------------------------------
 
+    def use_run(self, paths: RunPaths) -> None:
+        """Nothing to follow: this mode acts on the trainer, not on a run's files."""
+
     def start(self) -> None:
         """Launch train.sh, or adopt the trainer a previous sidecar left running."""
         survivor = self._pid_file.live_trainer() if self._pid_file else None
@@ -74,7 +80,7 @@ class ProcessRestarter:
         if survivor is not None:
             self._adopted = survivor
             self._log(
-                "trainer_adopted",
+                events.TRAINER_ADOPTED,
                 pid=survivor.pid,
                 reason="launched by an earlier sidecar and still running; watching it "
                 "instead of starting a second trainer",
@@ -110,7 +116,7 @@ class ProcessRestarter:
             grace=self.kill_grace,
             send_group_signal=lambda signum: self._signal_group(root, signum),
             on_kill=lambda alive: self._log(
-                "trainer_killed",
+                events.TRAINER_KILLED,
                 pids=[p.pid for p in alive],
                 reason=f"still running {self.kill_grace:g} s after SIGTERM",
             ),
@@ -139,7 +145,7 @@ class ProcessRestarter:
             stop=tenacity.stop_after_attempt(self._launch_attempts),
             wait=tenacity.wait_exponential(multiplier=0.5, max=5.0) + tenacity.wait_random(0, 0.5),
             before_sleep=lambda state: self._log(
-                "launch_retry",
+                events.LAUNCH_RETRY,
                 attempt=state.attempt_number,
                 error=str(state.outcome.exception()) if state.outcome else None,
             ),
@@ -170,7 +176,7 @@ class ProcessRestarter:
                 # look failed, or the retry would start a second trainer beside it. A restarted
                 # sidecar still finds this one by its command line.
                 self._log(
-                    "trainer_pid_not_recorded", path=str(self._pid_file.path), error=str(error)
+                    events.TRAINER_PID_NOT_RECORDED, path=str(self._pid_file.path), error=str(error)
                 )
         if self._echo is not None and self._echo_thread is None:
             self._echo_thread = LogEcho(self.train_log, self._echo)

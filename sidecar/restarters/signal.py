@@ -13,13 +13,16 @@ from typing import Any
 
 import psutil
 
+from sidecar import events
 from sidecar.observe.process_tree import terminate_tree
 from sidecar.observe.trainer_processes import attempt_key, find_trainer_processes
 from sidecar.restarters.base import RestartError, TrainerStatus
+from sidecar.run.paths import RunPaths
 
 
 class SignalRestarter:
     mode = "signal"
+    acts = True
     exits_with_run = False
     stop_before_rewrite = False
     relaunches = False
@@ -30,6 +33,9 @@ class SignalRestarter:
         self.pattern = pattern
         self.kill_grace = kill_grace
         self._log = log or (lambda *args, **kwargs: None)
+
+    def use_run(self, paths: RunPaths) -> None:
+        """Nothing to follow: this mode acts on the trainer, not on a run's files."""
 
     def start(self) -> None:
         """The orchestrator starts the trainer; nothing to do."""
@@ -59,7 +65,7 @@ def stop_processes(pattern: re.Pattern[str], grace: float, log: Callable[..., An
             processes,
             grace=grace,
             on_kill=lambda alive: log(
-                "trainer_killed",
+                events.TRAINER_KILLED,
                 pids=[p.pid for p in alive],
                 reason=f"still running {grace:g} s after SIGTERM",
             ),

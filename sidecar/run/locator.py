@@ -20,13 +20,6 @@ from sidecar.run.paths import RunPaths, RunSetupError, resolve_run_paths
 SCRIPT_NAME = "train.sh"
 
 
-def is_outputs_root(folder: Path) -> bool:
-    """A folder without its own train.sh whose subfolders hold them."""
-    if (folder / SCRIPT_NAME).exists() or not folder.is_dir():
-        return False
-    return any(True for _ in _run_folders(folder))
-
-
 class RunLocator:
     def __init__(self, settings: Settings, pattern: re.Pattern[str]):
         self.settings = settings

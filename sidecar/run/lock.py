@@ -74,7 +74,3 @@ class TrainerPidFile:
         except (OSError, ValueError, KeyError, TypeError, psutil.Error):
             return None
         return process if same and alive else None
-
-    def clear(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()

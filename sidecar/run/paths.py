@@ -16,11 +16,8 @@ from pathlib import Path
 from sidecar.atomic_files import read_text_exact
 from sidecar.config import Settings
 from sidecar.run.path_map import PathMap
-from sidecar.trainers.sd_scripts.train_script import (
-    TrainCommand,
-    TrainScriptError,
-    parse_train_script,
-)
+from sidecar.trainers import LaunchCommand, LaunchScriptError, Trainer
+from sidecar.trainers.sd_scripts import SD_SCRIPTS
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
@@ -38,6 +35,7 @@ class RunPaths:
     train_log: Path
     output_name: str
     path_map: PathMap
+    trainer: Trainer = SD_SCRIPTS  # whose launch script, state folders and progress lines
 
     def final_model_present(self) -> bool:
         return any(
@@ -45,7 +43,7 @@ class RunPaths:
         )
 
 
-def read_train_script(path: Path) -> tuple[str, TrainCommand]:
+def read_train_script(path: Path, trainer: Trainer = SD_SCRIPTS) -> tuple[str, LaunchCommand]:
     """The script text and its parsed trainer command, or a RunSetupError saying what is wrong."""
     try:
         # Opening a FIFO blocks until someone writes to it: look before reading.
@@ -59,8 +57,8 @@ def read_train_script(path: Path) -> tuple[str, TrainCommand]:
     except (OSError, UnicodeDecodeError) as error:
         raise RunSetupError(f"train script {path} cannot be read: {error}") from None
     try:
-        return text, parse_train_script(text)
-    except TrainScriptError as error:
+        return text, trainer.read_launch_script(text)
+    except LaunchScriptError as error:
         raise RunSetupError(f"train script {path} is not understood: {error}") from None
 
 
@@ -139,7 +137,7 @@ def default_workdir(script: Path) -> Path:
 
 
 def _output_dir_from_script(
-    command: TrainCommand, path_map: PathMap, script: Path, workdir: Path
+    command: LaunchCommand, path_map: PathMap, script: Path, workdir: Path
 ) -> Path:
     if command.output_dir:
         mapped = Path(path_map.to_sidecar(command.output_dir))

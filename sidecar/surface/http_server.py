@@ -7,48 +7,24 @@ hold up the loop. :func:`start_http_surface` returns the server so the caller st
 as prometheus_client's own exporters do.
 
 Liveness and the ``training-sidecar healthcheck`` command share one rule
-(:func:`heartbeat_health`): the loop touches its heartbeat file on every poll, and also while
-it waits out a backoff, so a stale file means the loop itself is stuck.
+(:class:`sidecar.surface.health.Heartbeat`): the loop touches its heartbeat file on every
+poll, and also while it waits out a backoff, so a stale file means the loop itself is stuck.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from sidecar.config import Settings
-
-
-@dataclass(frozen=True)
-class Health:
-    ok: bool
-    message: str
-
-
-def heartbeat_allowance(settings: Settings) -> float:
-    """How old the heartbeat may be: polls are seconds apart, and only stopping a trainer
-    (up to the kill grace) or saving an incident bundle holds the loop longer."""
-    return 3 * settings.poll_interval + settings.kill_grace + 60
-
-
-def heartbeat_health(settings: Settings, now: float | None = None) -> Health:
-    allowed = heartbeat_allowance(settings)
-    try:
-        age = (time.time() if now is None else now) - settings.heartbeat_file.stat().st_mtime
-    except FileNotFoundError:
-        return Health(False, f"no heartbeat at {settings.heartbeat_file} yet")
-    if age > allowed:
-        return Health(False, f"last heartbeat {age:.0f} s ago (allowed {allowed:.0f} s)")
-    return Health(True, f"last heartbeat {age:.1f} s ago")
+from sidecar import events
+from sidecar.surface.health import Health
 
 
 def probe(port: int, path: str = "/healthz", timeout: float = 5.0) -> Health:
@@ -147,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = encoder(self.server.registry)
         except Exception as error:  # a broken collector must not take the endpoint down
-            self.server.log.error("metrics_scrape_failed", error=repr(error))
+            self.server.log.error(events.METRICS_SCRAPE_FAILED, error=repr(error))
             self._reply(500, f"metrics failed: {error!r}\n".encode(), send_body=send_body)
             return
         self._reply(200, body, content_type=content_type, send_body=send_body)

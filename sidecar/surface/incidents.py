@@ -16,7 +16,8 @@ After the restart nobody can ask the hung processes anything any more, so the
 
 It costs recovery at most ``budget`` seconds (5 s): the slow parts (reading /proc of a
 process in uninterruptible sleep can block, py-spy can take seconds) run on a worker thread
-that is abandoned at the deadline, and what it gathered so far is written. Every file has a
+that is abandoned at the deadline, and what it gathered so far is written; the py-spy
+processes it started are killed and reaped then, and it starts no more. Every file has a
 size cap, so a bundle stays under ~3 MB, and only the newest ``keep`` bundles are kept.
 A bundle appears under its final name only when complete (written as a hidden folder,
 then renamed), so ``status`` never lists half a bundle.
@@ -28,8 +29,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,11 +40,12 @@ from typing import Any
 import psutil
 import structlog
 
-from sidecar import __version__
+from sidecar import __version__, events
 from sidecar.decide.decision import Verdict
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.log_follower import tail_text
 from sidecar.observe.process_tree import tree_of
+from sidecar.surface.stack_dumps import PySpyRuns, py_spy_dumps
 
 INCIDENTS_FOLDER = "incidents"
 LOG_TAIL_BYTES = 256 * 1024
@@ -115,9 +115,10 @@ class IncidentRecorder:
         )
         # NVML on this (the loop's) thread: its handles are the loop's, and it answers in ms.
         self._gpu_piece(pieces, skipped)
+        dumps = PySpyRuns()
         worker = threading.Thread(
             target=self._gather,
-            args=(sources, deadline, pieces, skipped),
+            args=(sources, deadline, pieces, skipped, dumps),
             name="incident",
             daemon=True,
         )
@@ -125,6 +126,9 @@ class IncidentRecorder:
         worker.join(max(deadline - self._clock(), 0.0))
         if worker.is_alive():
             skipped["unfinished"] = f"still gathering at the {self.budget:g} s deadline"
+        # The worker may be abandoned mid-dump (or before its first): no py-spy of this
+        # bundle may outlive it, attached to the trainer or left unreaped.
+        dumps.end_all()
         folder = self._write(
             sources.state_dir / INCIDENTS_FOLDER, dict(pieces), dict(skipped), started
         )
@@ -138,6 +142,7 @@ class IncidentRecorder:
         deadline: float,
         pieces: dict[str, str],
         skipped: dict[str, str],
+        dumps: PySpyRuns,
     ) -> None:
         try:
             pieces["train.log.tail"] = tail_text(sources.train_log, LOG_TAIL_BYTES)
@@ -156,7 +161,7 @@ class IncidentRecorder:
         if not pythons:
             skipped["stacks"] = "no Python process in the trainer's tree"
             return
-        for pid, text in _py_spy_dumps(self._py_spy, pythons, deadline - 0.3, self._clock):
+        for pid, text in py_spy_dumps(dumps, self._py_spy, pythons, deadline - 0.3, self._clock):
             pieces[f"stacks/{pid}.txt"] = text[-STACK_BYTES:]
 
     def _gpu_piece(self, pieces: dict[str, str], skipped: dict[str, str]) -> None:
@@ -198,7 +203,7 @@ class IncidentRecorder:
         os.replace(work, folder)
         pruned = prune(incidents, self.keep)
         self._log.info(
-            "incident_saved",
+            events.INCIDENT_SAVED,
             path=str(folder),
             seconds=seconds,
             bytes=sum(files.values()),
@@ -339,46 +344,6 @@ def _is_python(row: dict[str, Any]) -> bool:
 
 
 # -- py-spy ----------------------------------------------------------------------------------
-
-
-def find_py_spy() -> str | None:
-    """py-spy beside this interpreter (the same virtualenv, activated or not), else on PATH."""
-    beside = Path(sys.executable).parent / "py-spy"
-    if os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("py-spy")
-
-
-def _py_spy_dumps(
-    executable: str, pids: list[int], deadline: float, clock: Callable[[], float]
-) -> list[tuple[int, str]]:
-    """``py-spy dump --pid`` for each process at once, each cut off at the deadline."""
-    running: list[tuple[int, subprocess.Popen[str]]] = []
-    for pid in pids:
-        try:
-            process = subprocess.Popen(
-                [executable, "dump", "--pid", str(pid)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-            )
-        except OSError as error:
-            return [(pid, f"py-spy could not start: {error}\n")]
-        running.append((pid, process))
-    results = []
-    for pid, process in running:
-        try:
-            output, _ = process.communicate(timeout=max(deadline - clock(), 0.05))
-            if process.returncode != 0:
-                output = f"py-spy exited {process.returncode} (not permitted to attach?)\n{output}"
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-            output = f"py-spy cut off at the incident deadline\n{output or ''}"
-        results.append((pid, output))
-    return results
 
 
 # -- helpers -----------------------------------------------------------------------------------

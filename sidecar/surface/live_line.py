@@ -17,15 +17,23 @@ from typing import TextIO
 
 import structlog
 
-from sidecar.config import Settings
 from sidecar.surface.step_rate import Speed, format_duration
 
 _WIPE = "\r\x1b[2K"
 
 
-def wanted(settings: Settings, stdout: TextIO, stderr: TextIO) -> bool:
-    console = settings.log_format == "console" or (settings.log_format is None and stdout.isatty())
-    echoing = settings.restart_mode == "process" and settings.echo_trainer_output
+def wanted(
+    *,
+    log_format: str | None,
+    restart_mode: str,
+    echo_trainer_output: bool,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> bool:
+    """Whether to draw the line, from ``SIDECAR_LOG_FORMAT`` (None: console on a terminal),
+    ``SIDECAR_RESTART_MODE``, ``SIDECAR_ECHO_TRAINER_OUTPUT`` and the two streams."""
+    console = log_format == "console" or (log_format is None and stdout.isatty())
+    echoing = restart_mode == "process" and echo_trainer_output
     return console and stderr.isatty() and not echoing
 
 

@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sidecar import __version__
-from sidecar.checkpoints.scan import choose_checkpoint, find_candidates
+from sidecar import __version__, events
+from sidecar.checkpoints.choice import newest_resumable
+from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.decide.decision import Phase
 from sidecar.observe.gpu import GpuMonitor, GpuReading
 from sidecar.run.paths import RunPaths
@@ -35,6 +36,12 @@ PREFIX = "training_sidecar"
 PHASES = ("idle", *(phase.value for phase in Phase))
 RESTART_REASONS = ("stall", "crash")
 NOTIFICATION_OUTCOMES = ("sent", "failed", "dropped")
+# Counted by outcome: the event name is notification_<outcome>.
+_NOTIFICATION_EVENTS = (
+    events.NOTIFICATION_SENT,
+    events.NOTIFICATION_FAILED,
+    events.NOTIFICATION_DROPPED,
+)
 # Polls take milliseconds; a slow one (a huge log tail, a hung NFS mount) takes seconds.
 POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -94,26 +101,26 @@ class EventCounters:
         self, logger: object, method_name: str, event_dict: structlog.typing.EventDict
     ) -> structlog.typing.EventDict:
         event = event_dict.get("event")
-        if event == "stall_detected":
+        if event == events.STALL_DETECTED:
             self._last_verdict = "stall"
             self.stalls.inc()
-        elif event == "trainer_crashed":
+        elif event == events.TRAINER_CRASHED:
             self._last_verdict = "crash"
             self.crashes.inc()
-        elif event == "trainer_restarted":
+        elif event == events.TRAINER_RESTARTED:
             reason = event_dict.get("reason")
             self.restarts.labels(
                 reason=reason if reason in RESTART_REASONS else self._last_verdict
             ).inc()
-        elif event == "restart_failed":
+        elif event == events.RESTART_FAILED:
             self.recovery_failures.inc()
-        elif event == "gave_up":
+        elif event == events.GAVE_UP:
             self.give_ups.inc()
-        elif event == "checkpoint_quarantined":
+        elif event == events.CHECKPOINT_QUARANTINED:
             self.quarantines.inc()
-        elif event == "incident_saved":
+        elif event == events.INCIDENT_SAVED:
             self.incidents.inc()
-        elif event in ("notification_sent", "notification_failed", "notification_dropped"):
+        elif event in _NOTIFICATION_EVENTS:
             self.notifications.labels(outcome=event.removeprefix("notification_")).inc()
         return event_dict
 
@@ -182,6 +189,7 @@ class CheckpointAge:
         self._monotonic = monotonic
         self._cached: tuple[float, Path, float | None] | None = None  # at, output dir, completed
         self._lock = threading.Lock()
+        self._memo = FileReportMemo()  # only new or changed state files are read again
 
     def seconds(self, paths: RunPaths | None, quarantined: list[str]) -> float | None:
         if paths is None:
@@ -190,13 +198,9 @@ class CheckpointAge:
             now = self._monotonic()
             cached = self._cached
             if cached is None or cached[1] != paths.output_dir or now - cached[0] > self._refresh:
-                candidates = find_candidates(
-                    paths.output_dir,
-                    now=self._wall(),
-                    settle_seconds=self._settle,
-                    output_name=paths.output_name,
+                newest = newest_resumable(
+                    paths, quarantined, now=self._wall(), settle=self._settle, memo=self._memo
                 )
-                newest = choose_checkpoint(candidates, exclude=[Path(p) for p in quarantined])
                 completed = newest.completed_at if newest else None
                 cached = self._cached = (now, paths.output_dir, completed)
         completed_at = cached[2]

@@ -33,10 +33,16 @@ from urllib.parse import urlsplit
 import structlog
 import tenacity
 
-from sidecar import __version__
+from sidecar import __version__, events
 
 NOTIFIED_EVENTS = frozenset(
-    {"stall_detected", "trainer_crashed", "trainer_restarted", "gave_up", "training_completed"}
+    {
+        events.STALL_DETECTED,
+        events.TRAINER_CRASHED,
+        events.TRAINER_RESTARTED,
+        events.GAVE_UP,
+        events.TRAINING_COMPLETED,
+    }
 )
 SIGNATURE_HEADER = "X-Sidecar-Signature-256"
 # Discord refuses content over 2000 characters; a notification is a headline, not a log.
@@ -108,13 +114,15 @@ class WebhookNotifier:
             self._queue.put_nowait(self.payload(dict(event_dict)))
         except queue.Full:
             self._log.warning(
-                "notification_dropped",
+                events.NOTIFICATION_DROPPED,
                 notified_event=event_dict.get("event"),
                 reason=f"{self._queue.maxsize} notifications already waiting for the webhook",
             )
         except Exception as error:  # never let a notification break the event it rides on
             self._log.error(
-                "notification_failed", notified_event=event_dict.get("event"), error=repr(error)
+                events.NOTIFICATION_FAILED,
+                notified_event=event_dict.get("event"),
+                error=repr(error),
             )
         return event_dict
 
@@ -155,7 +163,7 @@ class WebhookNotifier:
         if self._thread.is_alive():
             self._abandon.set()
             self._log.warning(
-                "notifications_abandoned",
+                events.NOTIFICATIONS_ABANDONED,
                 pending=self._queue.qsize(),
                 reason=f"webhook {self.target.shown} still busy {timeout:g} s after shutdown",
             )
@@ -178,7 +186,7 @@ class WebhookNotifier:
             wait=_honour_retry_after(self._wait),
             sleep=self._abandon.wait,  # type: ignore[arg-type]  # returns bool, value unused
             before_sleep=lambda state: self._log.info(
-                "notification_retry",
+                events.NOTIFICATION_RETRY,
                 notified_event=payload["event"],
                 attempt=state.attempt_number,
                 error=str(state.outcome.exception()) if state.outcome else None,
@@ -191,7 +199,7 @@ class WebhookNotifier:
             status = retrying(self._post, payload)
         except DeliveryError as error:
             self._log.warning(
-                "notification_failed",
+                events.NOTIFICATION_FAILED,
                 notified_event=payload["event"],
                 error=str(error),
                 url=self.target.shown,
@@ -199,7 +207,7 @@ class WebhookNotifier:
             )
             return
         self._log.info(
-            "notification_sent",
+            events.NOTIFICATION_SENT,
             notified_event=payload["event"],
             status=status,
             url=self.target.shown,
@@ -261,11 +269,11 @@ def _headline(name: str, event: Mapping[str, Any]) -> str:
     """One sentence a person reads on a phone at 3 a.m."""
     step = _step(event)
     reason = event.get("reason") or ""
-    if name == "stall_detected":
+    if name == events.STALL_DETECTED:
         return f"stalled{step}: {reason}; stopping it to resume from the newest checkpoint"
-    if name == "trainer_crashed":
+    if name == events.TRAINER_CRASHED:
         return f"trainer crashed{step}: {reason}"
-    if name == "trainer_restarted":
+    if name == events.TRAINER_RESTARTED:
         checkpoint = event.get("checkpoint")
         source = f"resuming from {Path(str(checkpoint)).name}" if checkpoint else "from the start"
         count = event.get("restarts")
@@ -273,9 +281,9 @@ def _headline(name: str, event: Mapping[str, Any]) -> str:
         of = f" (restart {count}, {budget} left)" if count is not None else ""
         why = f" after a {event['reason']}" if event.get("reason") else ""
         return f"restarted{why}, {source}{of}"
-    if name == "gave_up":
+    if name == events.GAVE_UP:
         return f"GAVE UP: {reason}. train.sh and every checkpoint were left as they are."
-    if name == "training_completed":
+    if name == events.TRAINING_COMPLETED:
         return f"training completed{step}: {reason}"
     return f"{name}: {reason}".rstrip(": ")
 

@@ -17,10 +17,12 @@ from typing import Any, TextIO
 import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from sidecar import events
 from sidecar.config import Settings
 from sidecar.observe.gpu import GpuMonitor
-from sidecar.surface.http_server import SurfaceServer, heartbeat_health, start_http_surface
-from sidecar.surface.incidents import IncidentRecorder, IncidentSources, find_py_spy
+from sidecar.surface.health import Heartbeat
+from sidecar.surface.http_server import SurfaceServer, start_http_surface
+from sidecar.surface.incidents import IncidentRecorder, IncidentSources
 from sidecar.surface.live_line import ProgressLine, wanted
 from sidecar.surface.metrics import (
     CheckpointAge,
@@ -30,6 +32,7 @@ from sidecar.surface.metrics import (
     SnapshotCollector,
 )
 from sidecar.surface.notifications import WebhookNotifier, WebhookTarget
+from sidecar.surface.stack_dumps import find_py_spy
 from sidecar.surface.step_rate import StepRate
 from sidecar.watchdog import Watchdog
 
@@ -64,9 +67,14 @@ class Observability:
             else None
         )
         stderr = stderr or sys.stderr
-        self.progress = (
-            ProgressLine(stderr) if wanted(settings, stdout or sys.stdout, stderr) else None
+        drawn = wanted(
+            log_format=settings.log_format,
+            restart_mode=settings.restart_mode,
+            echo_trainer_output=settings.echo_trainer_output,
+            stdout=stdout or sys.stdout,
+            stderr=stderr,
         )
+        self.progress = ProgressLine(stderr) if drawn else None
 
     def observers(self) -> list[structlog.typing.Processor]:
         """Processors for ``configure_logging``: they watch every event, in this order."""
@@ -108,15 +116,21 @@ class Observability:
         if self.notifier is not None:
             self.notifier.start()
         if self.settings.http_port:
+            heartbeat = Heartbeat(
+                self.settings.heartbeat_file,
+                poll_interval=self.settings.poll_interval,
+                kill_grace=self.settings.kill_grace,
+                log=log,
+            )
             self.server = start_http_surface(
                 port=self.settings.http_port,
                 registry=self.registry,
-                health=lambda: heartbeat_health(self.settings),
+                health=heartbeat.health,
                 ready=lambda: watchdog.ready,
                 log=log,
             )
             log.info(
-                "http_listening",
+                events.HTTP_LISTENING,
                 port=self.server.port,
                 endpoints=["/healthz", "/readyz", "/metrics"],
             )

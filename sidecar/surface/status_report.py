@@ -10,29 +10,23 @@ heartbeat file (is a sidecar watching) and the incident bundles.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.checkpoints.scan import choose_checkpoint, find_candidates
-from sidecar.config import Settings
+from sidecar.checkpoints.choice import newest_resumable
 from sidecar.observe.log_follower import tail_text
+from sidecar.observe.progress import TqdmBar
 from sidecar.run.ledger import Ledger, LedgerStore
 from sidecar.run.paths import RunPaths
-from sidecar.surface.http_server import heartbeat_health
+from sidecar.surface.health import Heartbeat
 from sidecar.surface.incidents import INCIDENTS_FOLDER, list_bundles
 from sidecar.surface.step_rate import format_duration
+from sidecar.trainers.sd_scripts import SD_SCRIPTS
 
-# sd-scripts' bar: "steps:  33%|███▎      | 10/30 [08:04<16:08, 48.44s/it, avr_loss=0.407]"
-_BAR = re.compile(
-    # Only the bar described exactly "steps" (not sd-scripts' "validation steps"), as in
-    # sidecar.observe.progress, which gives only N/M; this one also reads tqdm's rate and ETA.
-    r"(?<![^\r\n])steps:\s*\d{1,3}%\|[^|\r\n]*\|\s*(?P<step>\d+)/(?P<total>\d+)"
-    r"(?:\s*\[(?P<elapsed>[\d:]+)<(?P<left>[\d:?]+)(?:,\s*(?P<rate>[\d.]+)(?P<unit>s/it|it/s))?)?"
-)
 _TAIL_BYTES = 64 * 1024
 
 
@@ -68,13 +62,25 @@ class StatusReport:
         return json.dumps(asdict(self), indent=2) + "\n"
 
 
-def build_report(settings: Settings, paths: RunPaths, now: float | None = None) -> StatusReport:
-    """Raises LedgerError when state.json cannot be read."""
+def build_status_report(
+    paths: RunPaths,
+    *,
+    heartbeat: Heartbeat,
+    max_restarts: int,
+    stall_after: float,
+    checkpoint_settle: float,
+    now: float | None = None,
+) -> StatusReport:
+    """The run's report at ``now``; raises LedgerError when state.json cannot be read.
+
+    ``stall_after`` is the longest quiet spell that is not yet a stall (the stall timeout's
+    bound); ``checkpoint_settle`` how long a state folder must be unchanged to count.
+    """
     now = time.time() if now is None else now
     ledger = LedgerStore(paths.state_dir).load()
     log_age = _age(paths.train_log, now)
-    phase, detail = _phase(ledger, paths, log_age, settings)
-    health = heartbeat_health(settings, now)
+    phase, detail = _phase(ledger, paths, log_age, stall_after)
+    health = heartbeat.health(now)
     incidents_dir = paths.state_dir / INCIDENTS_FOLDER
     return StatusReport(
         run=paths.output_name,
@@ -84,11 +90,11 @@ def build_report(settings: Settings, paths: RunPaths, now: float | None = None) 
         phase_detail=detail,
         sidecar_alive=health.ok,
         sidecar_detail=health.message,
-        progress=parse_progress(tail_text(paths.train_log, _TAIL_BYTES)),
-        last_checkpoint=_last_checkpoint(settings, paths, ledger, now),
+        progress=parse_progress(tail_text(paths.train_log, _TAIL_BYTES), paths.trainer.step_bar),
+        last_checkpoint=_last_checkpoint(paths, ledger, now, checkpoint_settle),
         resumes_from=ledger.current_checkpoint,
         restarts=ledger.restarts,
-        max_restarts=settings.max_restarts,
+        max_restarts=max_restarts,
         restarts_by_reason=dict(Counter(recovery.kind for recovery in ledger.recoveries)),
         recoveries=[asdict(recovery) for recovery in ledger.recoveries],
         quarantined=list(ledger.quarantined),
@@ -97,21 +103,18 @@ def build_report(settings: Settings, paths: RunPaths, now: float | None = None) 
     )
 
 
-def parse_progress(tail: str) -> Progress | None:
+def parse_progress(
+    tail: str, step_bar: Callable[[str], TqdmBar | None] = SD_SCRIPTS.step_bar
+) -> Progress | None:
     """The last step bar in the log's tail, with tqdm's own rate and time-left estimate."""
-    matches = list(_BAR.finditer(tail))
-    if not matches:
+    bar = step_bar(tail)
+    if bar is None:
         return None
-    bar = matches[-1]
-    rate = None
-    if bar["rate"]:
-        value = float(bar["rate"])
-        rate = value if bar["unit"] == "it/s" else (1.0 / value if value else None)
     return Progress(
-        step=int(bar["step"]),
-        total=int(bar["total"]),
-        steps_per_second=rate,
-        eta_seconds=_clock_seconds(bar["left"]) if bar["left"] else None,
+        step=bar.n,
+        total=bar.total,
+        steps_per_second=bar.rate,
+        eta_seconds=bar.remaining_seconds,
     )
 
 
@@ -160,7 +163,7 @@ def render_text(report: StatusReport, now: float | None = None) -> str:
 
 
 def _phase(
-    ledger: Ledger, paths: RunPaths, log_age: float | None, settings: Settings
+    ledger: Ledger, paths: RunPaths, log_age: float | None, stall_after: float
 ) -> tuple[str, str]:
     if ledger.completed or paths.final_model_present():
         return "completed", "the final model is in the output folder"
@@ -169,11 +172,10 @@ def _phase(
         return "gave_up", f"the sidecar gave up after {ledger.restarts} restart(s); last: {last}"
     if log_age is None:
         return "not_started", f"no trainer log at {paths.train_log} yet"
-    if log_age <= settings.stall_timeout_bound:
+    if log_age <= stall_after:
         return "training", f"last output {format_duration(log_age)} ago"
     return "quiet", (
-        f"no output for {format_duration(log_age)} (a stall after "
-        f"{format_duration(settings.stall_timeout_bound)})"
+        f"no output for {format_duration(log_age)} (a stall after {format_duration(stall_after)})"
     )
 
 
@@ -197,15 +199,9 @@ def _rate_text(steps_per_second: float) -> str:
 
 
 def _last_checkpoint(
-    settings: Settings, paths: RunPaths, ledger: Ledger, now: float
+    paths: RunPaths, ledger: Ledger, now: float, settle_seconds: float
 ) -> dict[str, Any] | None:
-    candidates = find_candidates(
-        paths.output_dir,
-        now=now,
-        settle_seconds=settings.checkpoint_settle,
-        output_name=paths.output_name,
-    )
-    newest = choose_checkpoint(candidates, exclude=[Path(p) for p in ledger.quarantined])
+    newest = newest_resumable(paths, ledger.quarantined, now=now, settle=settle_seconds)
     if newest is None or newest.completed_at is None:
         return None
     return {
@@ -245,16 +241,6 @@ def _age(path: Path, now: float) -> float | None:
         return max(now - path.stat().st_mtime, 0.0)
     except FileNotFoundError:
         return None
-
-
-def _clock_seconds(text: str) -> float | None:
-    """tqdm's ``16:08`` or ``1:02:03``; ``?`` before it can estimate."""
-    if "?" in text:
-        return None
-    seconds = 0.0
-    for part in text.split(":"):
-        seconds = seconds * 60 + int(part)
-    return seconds
 
 
 def _size(size: int) -> str:

@@ -6,19 +6,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from state_factory import STATE_FILES, set_mtime, state_file_contents, write_state_folder
 
 from sidecar.checkpoints import scan
 from sidecar.checkpoints.file_checks import inspect_state_file
-from sidecar.checkpoints.scan import (
-    FINAL_STATE_PROBLEM,
-    Candidate,
-    choose_checkpoint,
-    find_candidates,
-)
+from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
+from sidecar.trainers.sd_scripts.state_naming import FINAL_STATE_PROBLEM
 
 # A fixed wall clock: files are given mtimes around it, so no test depends on real time.
 T = 1_750_000_000.0
@@ -512,3 +508,30 @@ def test_another_runs_final_state_is_never_chosen(tmp_path):
     assert by_name["other-lora-state"].kind == "final"
     assert not by_name["other-lora-state"].complete
     assert choose_checkpoint(found).path.name == "my-lora-step00000004-state"
+
+
+class _OtherTrainerNaming:
+    """Another trainer's names ("checkpoint-<step>"), to show the scan knows none of its own."""
+
+    ignored_folders = frozenset({"logs"})
+
+    def classify(self, folder_name: str) -> tuple[Literal["step"], int] | None:
+        prefix, _, number = folder_name.partition("-")
+        return ("step", int(number)) if prefix == "checkpoint" and number.isdigit() else None
+
+    def refusal(self, kind: str) -> str | None:
+        return None
+
+
+def test_the_naming_is_the_trainers(tmp_path: Path) -> None:
+    """Given another trainer's naming, its names count and sd-scripts' are only accelerate's."""
+    state(tmp_path, "checkpoint-500", mtime=T + 10)
+    state(tmp_path, "my-lora-state", mtime=T)  # sd-scripts' final state: not refused here
+    state(tmp_path, "logs")
+
+    candidates = find_candidates(tmp_path, now=LATER, naming=lambda _: _OtherTrainerNaming())
+
+    assert [(c.path.name, c.kind, c.number, c.complete) for c in candidates] == [
+        ("checkpoint-500", "step", 500, True),
+        ("my-lora-state", "accelerate", None, True),
+    ]

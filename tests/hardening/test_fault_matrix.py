@@ -79,14 +79,14 @@ from state_factory import write_state_folder
 from sidecar.checkpoints.scan import find_candidates
 from sidecar.config import load_settings
 from sidecar.observe.log_follower import LogFollower
-from sidecar.observe.progress import parse_step
 from sidecar.run.ledger import LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import event_time, sidecar_environment
+from sidecar.trainers.sd_scripts.progress_lines import parse_step
 from sidecar.trainers.sd_scripts.train_script import parse_train_script, remove_resume
 from sidecar.watchdog import Clocks, Watchdog
-from sidecar.wiring import build_restarter
+from sidecar.wiring import build_restarter, loop_options_of
 
 FREQUENT_SAVES = "--save_every_n_steps 6"  # states at steps 6, 12, 18, ...
 HANG_AT_STEP_20 = "hang_idle@step=20:once"
@@ -1052,12 +1052,13 @@ def run_watchdog_in_process(
         on_poll(watchdog)
 
     watchdog = Watchdog(
-        settings=settings_,
+        options=loop_options_of(settings_),
         locator=locator,
         restarter=build_restarter(settings_, locator.current(), log),
         gpu=None,
         log=log,
         stop_event=stop_event,
+        heartbeat=lambda: None,
         clocks=Clocks(wall=wall),
         on_poll=poll_hook,
     )
@@ -1075,8 +1076,8 @@ def run_watchdog_in_process(
         guard.cancel()
         stop_event.set()
         kill_trainers(tree)
-        with contextlib.suppress(AttributeError):
-            watchdog._run_lock.release()  # in a process of its own, exiting would release it
+        if watchdog.run_lock is not None:
+            watchdog.run_lock.release()  # in a process of its own, exiting would release it
     assert not expired.is_set(), f"the loop ran into the test's {deadline} s deadline"
     return code, log
 

@@ -21,8 +21,6 @@ import pytest
 from nvml_stub.build import STATE_FILE_VARIABLE, CompilerMissing, build_fake_nvml
 from repo_paths import REPO_ROOT
 
-from sidecar.observe.gpu import GpuReading, GpuSample
-
 REPOSITORY_ROOT = REPO_ROOT
 GIB = 1024**3
 
@@ -414,35 +412,3 @@ def test_close_stops_sampling(tmp_path: Path, fake_nvml_dir: Path) -> None:
     assert after_close is None
     assert result["probes"] == [1, "NVMLError_Uninitialized"]
     assert events(result, "gpu_shutdown_failed") == []
-
-
-def sample_at(index: int, utilization_percent: int) -> GpuSample:
-    return GpuSample(
-        index=index,
-        utilization_percent=utilization_percent,
-        memory_used_bytes=0,
-        memory_total_bytes=GIB,
-        power_watts=None,
-    )
-
-
-@pytest.mark.parametrize(
-    ("utilisations", "expected"),
-    [
-        ([0], True),
-        ([4, 0], True),
-        ([5], False),  # the threshold itself counts as busy
-        ([0, 100], False),  # one busy GPU is enough to not call the run idle
-    ],
-)
-def test_all_below(utilisations: list[int], expected: bool) -> None:
-    """all_below is True only when every watched GPU is under the threshold."""
-    reading = GpuReading(samples=tuple(sample_at(i, u) for i, u in enumerate(utilisations)))
-
-    assert reading.all_below(5.0) is expected
-
-
-def test_all_below_is_false_without_samples() -> None:
-    """A failed poll is no evidence of idleness."""
-    assert GpuReading(samples=(), error="GPU is lost").all_below(5.0) is False
-    assert GpuReading(samples=()).all_below(100.0) is False

@@ -1,11 +1,14 @@
-"""Following the trainer's log incrementally and reading its step counter."""
+"""Following the trainer's log incrementally, the one tqdm parser, and sd-scripts' step counter."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
+
 from sidecar.observe.log_follower import LogFollower
-from sidecar.observe.progress import parse_epoch, parse_step
+from sidecar.observe.progress import last_bar, tqdm_bars
+from sidecar.trainers.sd_scripts.progress_lines import parse_epoch, parse_step
 
 BAR = "steps:  33%|███▎      | {step}/30 [08:04<16:08, 48.44s/it, avr_loss=0.407]"
 
@@ -94,3 +97,38 @@ def test_poll_cost_does_not_grow_with_the_log(tmp_path):
     delta = follower.poll()
     assert delta.new_bytes == 1
     assert os.path.getsize(log) == 2 * 1024**3 + 1
+
+
+def test_one_tqdm_parser_reads_every_field_of_a_bar():
+    """Description, n/total, elapsed<remaining and the rate, whichever way tqdm printed it."""
+    (slow,) = tqdm_bars(BAR.format(step=10))
+    assert (slow.description, slow.n, slow.total) == ("steps", 10, 30)
+    assert (slow.elapsed_seconds, slow.remaining_seconds) == (8 * 60 + 4, 16 * 60 + 8)
+    assert slow.rate == pytest.approx(1 / 48.44)
+    (fast,) = tqdm_bars("caching latents:  50%|█████     | 10/20 [00:03<00:03,  3.10it/s]")
+    assert (fast.description, fast.rate) == ("caching latents", pytest.approx(3.10))
+    (unnamed,) = tqdm_bars(" 40%|████      | 4/10 [1:02:03<?, ?it/s]")
+    assert unnamed.description == ""
+    assert (unnamed.elapsed_seconds, unnamed.remaining_seconds, unnamed.rate) == (3723, None, None)
+
+
+def test_a_bar_is_picked_by_its_exact_description():
+    """ "validation steps" is not "steps"; a bar cut right after its total is not taken."""
+    text = "\r" + BAR.format(step=7) + "\rvalidation " + BAR.format(step=2) + "\rsteps: 1%|| 8/3"
+    bar = last_bar(text, "steps")
+    assert bar is not None and (bar.n, bar.total) == (7, 30)
+    assert last_bar(text, "epochs") is None
+
+
+def test_noise_that_looks_like_a_bar_never_raises():
+    """A cut or mangled clock or rate reads as unknown, not as an error."""
+    (bar,) = tqdm_bars("steps: 1%|| 1/2 [0<:, 1.2.3it/s]")
+    assert (bar.n, bar.total, bar.remaining_seconds, bar.rate) == (1, 2, None, None)
+
+
+def test_the_follower_reads_the_step_bar_it_is_given(tmp_path):
+    """Another trainer's step counter bar: the follower takes the reader, not sd-scripts'."""
+    log = tmp_path / "train.log"
+    log.write_text("\r" + BAR.format(step=4) + "\rtraining: 10%|█| 12/120 [00:10<01:30, 1.2it/s]")
+    delta = LogFollower(log, step_bar=lambda text: last_bar(text, "training")).poll()
+    assert (delta.progress.step, delta.progress.total) == (12, 120)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import FAST_SETTINGS, FAST_SIMULATION, kill_everything
 from restart_policy import start_runtime, tree_pattern
+from sidecar_process import spawn_sidecar
 
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.trainers.sd_scripts.train_script import parse_train_script
@@ -46,14 +45,7 @@ class Scene:
             "SIDECAR_HEARTBEAT_FILE": str(root / "heartbeat"),
             "SIDECAR_CHECKPOINT_SETTLE": "0.3s",
         }
-        self.sidecar = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run"],
-            env=sidecar_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        self.sidecar = spawn_sidecar(sidecar_env)
         self.events: list[dict] = []
 
     def wait_for(self, name: str, timeout: float = 60) -> dict:

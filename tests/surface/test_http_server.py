@@ -17,13 +17,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import Settings
-from sidecar.surface.http_server import (
-    Health,
-    SurfaceServer,
-    heartbeat_allowance,
-    heartbeat_health,
-    start_http_surface,
-)
+from sidecar.surface.health import Health, Heartbeat, heartbeat_allowance
+from sidecar.surface.http_server import SurfaceServer, start_http_surface
 
 
 class Switches:
@@ -177,13 +172,18 @@ def test_a_taken_port_is_an_oserror(registry, switches, server):
 def test_heartbeat_health_uses_the_healthcheck_allowance(tmp_path: Path):
     """Missing and stale heartbeats are unhealthy; the allowance covers a kill grace."""
     settings = Settings(heartbeat_file=tmp_path / "beat", poll_interval=2, kill_grace=30)
-    assert heartbeat_allowance(settings) == 96
-    missing = heartbeat_health(settings)
+    assert heartbeat_allowance(settings.poll_interval, settings.kill_grace) == 96
+    heartbeat = Heartbeat(
+        settings.heartbeat_file,
+        poll_interval=settings.poll_interval,
+        kill_grace=settings.kill_grace,
+    )
+    missing = heartbeat.health()
     assert not missing.ok and "no heartbeat" in missing.message
     (tmp_path / "beat").touch()
     mtime = (tmp_path / "beat").stat().st_mtime
-    assert heartbeat_health(settings, now=mtime + 95).ok
-    stale = heartbeat_health(settings, now=mtime + 97)
+    assert heartbeat.health(now=mtime + 95).ok
+    stale = heartbeat.health(now=mtime + 97)
     assert not stale.ok and "allowed 96 s" in stale.message
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -9,10 +11,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sidecar.decide.decision import Verdict, VerdictKind
@@ -21,10 +25,10 @@ from sidecar.surface.incidents import (
     LOG_TAIL_BYTES,
     IncidentRecorder,
     IncidentSources,
-    find_py_spy,
     list_bundles,
     prune,
 )
+from sidecar.surface.stack_dumps import find_py_spy
 
 # A trainer stand-in: a parent waiting for its worker, the worker blocked reading a pipe
 # nobody writes (the shape of sd-scripts issue 536).
@@ -154,6 +158,110 @@ def test_a_hanging_py_spy_is_cut_off_at_the_deadline(tmp_path, hung, train_log):
     assert folder is not None
     assert "cut off" in (folder / "stacks" / f"{hung.worker_pid}.txt").read_text()
     assert (folder / "processes.json").is_file()
+
+
+def recording_py_spy(tmp_path: Path) -> tuple[Path, Path]:
+    """A py-spy that writes its pid to a file, then hangs (exec keeps the pid)."""
+    started = tmp_path / "py-spy-pids"
+    script = tmp_path / "py-spy"
+    script.write_text(f"#!/bin/sh\necho $$ >> {started}\nexec sleep 30\n")
+    script.chmod(0o755)
+    return script, started
+
+
+def pids_in(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def still_there(pid: int) -> bool:
+    """Running, or a zombie nobody reaped."""
+    return psutil.pid_exists(pid)
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def incident_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "incident"]
+
+
+def test_a_py_spy_that_fails_to_start_ends_those_already_started(
+    tmp_path, hung, train_log, monkeypatch
+):
+    """The second dump cannot start (no more processes): the first is killed and reaped."""
+    script, _ = recording_py_spy(tmp_path)
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen[str]] = []
+
+    def popen(command, **options):
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        started.append(real_popen(command, **options))
+        return started[0]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    try:
+        folder = recorder(tmp_path, hung.pids, train_log, py_spy=str(script)).save(VERDICT, {})
+    finally:
+        monkeypatch.undo()
+        leftover = [process for process in started if process.returncode is None]
+        for process in leftover:
+            process.kill()
+            process.wait()
+    assert folder is not None
+    assert len(started) == 1
+    assert not leftover, "the started py-spy was left running or unreaped"
+    stacks = [path.read_text() for path in (folder / "stacks").iterdir()]
+    assert stacks == ["py-spy could not start: [Errno 11] Resource temporarily unavailable\n"]
+
+
+def test_no_py_spy_outlives_a_bundle_abandoned_mid_dump(tmp_path, hung, train_log):
+    """The budget runs out while the dumps still run: they end before ``save`` returns."""
+    script, started = recording_py_spy(tmp_path)
+
+    # The gathering thread reads a clock 100 s behind, so its dumps would wait ~100 s; the
+    # hook's own 1 s budget is what ends them.
+    def clock() -> float:
+        behind = 100.0 if threading.current_thread().name == "incident" else 0.0
+        return time.monotonic() - behind
+
+    begun = time.monotonic()
+    try:
+        folder = recorder(
+            tmp_path, hung.pids, train_log, py_spy=str(script), budget=1.0, clock=clock
+        ).save(VERDICT, {})
+        took = time.monotonic() - begun
+        dumps = pids_in(started)
+        leftover = [pid for pid in dumps if still_there(pid)]
+    finally:
+        kill_leftovers(pids_in(started))
+    assert took < 3.0
+    assert folder is not None
+    assert "deadline" in read_json(folder / "manifest.json")["skipped"]["unfinished"]
+    assert len(dumps) == 2, "both dumps had started"
+    assert not leftover, f"py-spy {leftover} still running or unreaped after the bundle"
+
+
+def test_an_abandoned_gatherer_starts_no_py_spy_after_the_deadline(tmp_path, hung):
+    """A gatherer stuck before its dumps (a blocking log) starts none once it is released."""
+    script, started = recording_py_spy(tmp_path)
+    fifo = tmp_path / "train.log"
+    os.mkfifo(fifo)
+    before = set(incident_threads())
+    try:
+        folder = recorder(tmp_path, hung.pids, fifo, py_spy=str(script), budget=1.0).save(
+            VERDICT, {}
+        )
+    finally:
+        os.close(os.open(fifo, os.O_WRONLY))  # release the abandoned gatherer
+        for thread in set(incident_threads()) - before:
+            thread.join(timeout=10)
+        kill_leftovers(pids_in(started))
+    assert folder is not None
+    assert pids_in(started) == [], "py-spy started after the bundle was written"
 
 
 def test_a_blocking_read_is_abandoned_at_the_deadline(tmp_path, hung):

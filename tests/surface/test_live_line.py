@@ -46,7 +46,14 @@ def test_drawn_only_for_a_console_on_a_terminal(
     )
     stdout = Terminal() if stdout_tty else io.StringIO()
     stderr = Terminal() if stderr_tty else io.StringIO()
-    assert wanted(settings, stdout, stderr) is drawn
+    shown = wanted(
+        log_format=settings.log_format,
+        restart_mode=settings.restart_mode,
+        echo_trainer_output=settings.echo_trainer_output,
+        stdout=stdout,
+        stderr=stderr,
+    )
+    assert shown is drawn
 
 
 def test_the_line_is_redrawn_in_place_and_throttled():

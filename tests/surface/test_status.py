@@ -17,8 +17,14 @@ from sidecar.decide.decision import Verdict, VerdictKind
 from sidecar.run.ledger import Ledger, LedgerStore
 from sidecar.run.paths import resolve_run_paths
 from sidecar.simulator.fluxgym_tree import FluxgymTree
+from sidecar.surface.health import Heartbeat
 from sidecar.surface.incidents import IncidentRecorder, IncidentSources
-from sidecar.surface.status_report import build_report, parse_progress, render_text
+from sidecar.surface.status_report import (
+    StatusReport,
+    build_status_report,
+    parse_progress,
+    render_text,
+)
 
 BAR = "steps:  30%|███       | 120/400 [1:40:00<3:53:20, 50.00s/it, avr_loss=0.41]"
 
@@ -43,6 +49,22 @@ def write_story(tree: FluxgymTree, now: float) -> None:
     sources = IncidentSources(state_dir=out / ".sidecar", train_log=log, pids=[])
     IncidentRecorder(lambda: sources, keep=5).save(
         Verdict(VerdictKind.STALL, "no progress for 902 s (stall timeout 900 s)", {}), {}
+    )
+
+
+def build_report(settings: Settings, now: float | None = None) -> StatusReport:
+    """The report with the values ``commands.status`` passes from the settings."""
+    return build_status_report(
+        resolve_run_paths(settings),
+        heartbeat=Heartbeat(
+            settings.heartbeat_file,
+            poll_interval=settings.poll_interval,
+            kill_grace=settings.kill_grace,
+        ),
+        max_restarts=settings.max_restarts,
+        stall_after=settings.stall_timeout_bound,
+        checkpoint_settle=settings.checkpoint_settle,
+        now=now,
     )
 
 
@@ -126,7 +148,7 @@ def test_phase_comes_from_files(fluxgym, setup, phase, detail):
     if setup == "gave_up":
         LedgerStore(fluxgym.output_dir / ".sidecar").save(Ledger(gave_up=True))
     settings = Settings(train_script=fluxgym.train_script)
-    report = build_report(settings, resolve_run_paths(settings), now=now)
+    report = build_report(settings, now=now)
     assert report.phase == phase
     assert detail in report.phase_detail
     text = render_text(report, now=now)
@@ -170,6 +192,12 @@ def test_status_ignores_half_written_incidents(fluxgym):
     incidents = fluxgym.output_dir / ".sidecar" / "incidents"
     (incidents / ".20250101T000000Z.partial").mkdir(parents=True)
     settings = Settings(train_script=fluxgym.train_script)
-    report = build_report(settings, resolve_run_paths(settings))
+    report = build_report(settings)
     assert report.incidents == []
     assert Path(report.incidents_dir) == incidents
+
+
+def test_a_bar_cut_after_its_total_is_not_read():
+    """The log's last redraw may be half written: the last whole bar counts, as for the loop."""
+    progress = parse_progress("noise\r" + BAR + "\rsteps:  30%|███       | 121/4")
+    assert progress is not None and (progress.step, progress.total) == (120, 400)

@@ -7,11 +7,11 @@ the sidecar must add ``--resume "<state folder>"`` to the trainer's flags while
 leaving every other byte alone: the user's edits, FluxGym's glued
 ``\\--sample_prompts=...`` and the dangling final backslash included.
 
-So nothing here re-renders the script. A small lexer splits the text into
-words the way bash would (quotes, escapes, continuations, comments, command
-separators) and remembers where each word starts and ends in the original text;
-edits are then splices at those offsets. Expansions (``$VAR``, ``$(...)``) are
-kept as literal word text: we never need their values, only their extent.
+So nothing here re-renders the script. A small lexer (``script_words``) splits
+the text into words the way bash would (quotes, escapes, continuations, comments,
+command separators) and remembers where each word starts and ends in the original
+text; edits are then splices at those offsets. Expansions (``$VAR``, ``$(...)``)
+are kept as literal word text: we never need their values, only their extent.
 
 Everything here is pure text in, text out; writing the file is
 ``sidecar.atomic_files``' job.
@@ -22,6 +22,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from sidecar.trainers.sd_scripts.script_words import (
+    BLANKS,
+    TrainScriptError,
+    Word,
+    line_of,
+    split_commands,
+)
 
 __all__ = [
     "TrainCommand",
@@ -35,16 +43,7 @@ __all__ = [
 
 EXPECTED_COMMAND = "accelerate launch ... sd-scripts/flux_train_network.py ..."
 
-_BLANKS = " \t"
-# Characters that end an unquoted word. `(` and `)` only matter to us as
-# delimiters (subshells, function definitions), never as part of a word.
-_WORD_DELIMITERS = " \t\n;&|()<>"
-_DIGITS = re.compile(r"[0-9]+")
 _FLAG_PATTERN = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-class TrainScriptError(ValueError):
-    """train.sh cannot be understood; the message says what was expected and where (line number)."""
 
 
 @dataclass(frozen=True)
@@ -206,211 +205,6 @@ def _find_option(words: Sequence[str], flag: str) -> list[_OptionAt]:
 
 
 # ---------------------------------------------------------------------------
-# Lexer: bash words with their offsets
-
-
-@dataclass(frozen=True)
-class _Word:
-    text: str  # the word as bash passes it on, quotes and escapes removed
-    start: int  # offset of its first character in the script
-    end: int  # offset just past its last character, trailing continuations excluded
-
-
-def _line_of(text: str, offset: int) -> int:
-    return text.count("\n", 0, offset) + 1
-
-
-class _Lexer:
-    """Splits a script into simple commands, each a list of words with offsets.
-
-    Redirections (``> log``, ``2>&1``) are recognised so that their targets are
-    not mistaken for arguments; here-documents are refused because their bodies
-    would have to be skipped line by line.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-        self.commands: list[list[_Word]] = []
-        self.current: list[_Word] = []
-
-    def run(self) -> list[list[_Word]]:
-        text = self.text
-        redirection_target_next = False
-        while self.pos < len(text):
-            char = text[self.pos]
-            if char in _BLANKS:
-                self.pos += 1
-            elif char == "\\" and text.startswith("\n", self.pos + 1):
-                self.pos += 2  # line continuation between words
-            elif char == "\\" and self.pos + 1 == len(text):
-                self.pos += 1  # a backslash at end of file: bash drops it
-            elif char == "#":
-                newline = text.find("\n", self.pos)
-                self.pos = len(text) if newline < 0 else newline
-            elif char in "<>" or text.startswith("&>", self.pos):
-                self._skip_redirection_operator()
-                redirection_target_next = True
-            elif char in "\n;&|()":
-                self._end_command()
-                self.pos += 1
-            else:
-                word = self._read_word()
-                if not (redirection_target_next or self._is_descriptor(word)):
-                    self.current.append(word)
-                redirection_target_next = False
-        self._end_command()
-        return self.commands
-
-    def _is_descriptor(self, word: _Word) -> bool:
-        # `2>` names a file descriptor only when the digits are bare and touch the `>`.
-        source = self.text[word.start : word.end]
-        return bool(_DIGITS.fullmatch(source)) and self.text[word.end : word.end + 1] in ("<", ">")
-
-    def _end_command(self) -> None:
-        if self.current:
-            self.commands.append(self.current)
-            self.current = []
-
-    def _skip_redirection_operator(self) -> None:
-        text = self.text
-        if text.startswith("<<", self.pos) and not text.startswith("<<<", self.pos):
-            line = _line_of(text, self.pos)
-            raise TrainScriptError(
-                f"line {line}: here-documents (<<) are not supported in train.sh"
-            )
-        for operator in ("<<<", "&>>", "&>", ">>", ">&", ">|", "<>", "<&", ">", "<"):
-            if text.startswith(operator, self.pos):
-                self.pos += len(operator)
-                return
-
-    def _read_word(self) -> _Word:
-        text = self.text
-        start = self.pos
-        end = start
-        parts: list[str] = []
-        while self.pos < len(text) and text[self.pos] not in _WORD_DELIMITERS:
-            char = text[self.pos]
-            following = text[self.pos + 1 : self.pos + 2]
-            if char == "\\":
-                if following in ("\n", ""):
-                    self.pos += 1 + len(following)  # continuation (or EOF): not part of the word
-                    continue
-                parts.append(following)
-                self.pos += 2
-            elif char == "'":
-                parts.append(self._single_quoted())
-            elif char == '"':
-                parts.append(self._double_quoted())
-            elif char == "$" and following == '"':
-                self.pos += 1  # $"..." is a translatable string; as text it is "..."
-                parts.append(self._double_quoted())
-            elif char == "$" and following == "'":
-                parts.append(self._ansi_c_quoted())
-            elif char == "$" and following in ("(", "{"):
-                parts.append(self._expansion())
-            elif char == "`":
-                parts.append(self._backquoted())
-            else:
-                parts.append(char)
-                self.pos += 1
-            end = self.pos
-        return _Word("".join(parts), start, end)
-
-    def _unterminated(self, what: str, opened_at: int) -> TrainScriptError:
-        return TrainScriptError(
-            f"line {_line_of(self.text, opened_at)}: unterminated {what} "
-            "(the closing character is missing)"
-        )
-
-    def _single_quoted(self) -> str:
-        opened_at = self.pos
-        close = self.text.find("'", opened_at + 1)
-        if close < 0:
-            raise self._unterminated("single quote", opened_at)
-        self.pos = close + 1
-        return self.text[opened_at + 1 : close]
-
-    def _double_quoted(self) -> str:
-        text = self.text
-        opened_at = self.pos
-        self.pos += 1
-        parts: list[str] = []
-        while self.pos < len(text):
-            char = text[self.pos]
-            following = text[self.pos + 1 : self.pos + 2]
-            if char == '"':
-                self.pos += 1
-                return "".join(parts)
-            if char == "\\" and following == "\n":
-                self.pos += 2
-            elif char == "\\" and following in ('"', "\\", "$", "`"):
-                parts.append(following)
-                self.pos += 2
-            elif char == "$" and following in ("(", "{"):
-                parts.append(self._expansion())
-            elif char == "`":
-                parts.append(self._backquoted())
-            else:
-                # Includes a backslash before any other character, which bash keeps.
-                parts.append(char)
-                self.pos += 1
-        raise self._unterminated("double quote", opened_at)
-
-    def _ansi_c_quoted(self) -> str:
-        # $'...' is kept as its literal source text; only its extent matters here.
-        return self._source_until("'", opener_length=2, what="$'...' quote")
-
-    def _backquoted(self) -> str:
-        return self._source_until("`", opener_length=1, what="backquote")
-
-    def _source_until(self, closer: str, *, opener_length: int, what: str) -> str:
-        """Skip to ``closer`` (backslash escapes it); the construct's literal source text."""
-        opened_at = self.pos
-        self.pos += opener_length
-        while self.pos < len(self.text):
-            char = self.text[self.pos]
-            if char == "\\":
-                self.pos += 2
-            elif char == closer:
-                self.pos += 1
-                return self.text[opened_at : self.pos]
-            else:
-                self.pos += 1
-        raise self._unterminated(what, opened_at)
-
-    def _expansion(self) -> str:
-        """Skip ``$(...)``, ``$((...))`` or ``${...}`` with nesting; return its source text."""
-        text = self.text
-        opened_at = self.pos
-        opener = text[self.pos + 1]
-        closer = ")" if opener == "(" else "}"
-        depth = 1
-        self.pos += 2
-        while self.pos < len(text):
-            char = text[self.pos]
-            if char == "\\":
-                self.pos += 2
-            elif char == "'":
-                self._single_quoted()
-            elif char == '"':
-                self._double_quoted()
-            elif char == "`":
-                self._backquoted()
-            elif char == opener:
-                depth += 1
-                self.pos += 1
-            elif char == closer:
-                depth -= 1
-                self.pos += 1
-                if depth == 0:
-                    return text[opened_at : self.pos]
-            else:
-                self.pos += 1
-        raise self._unterminated(f"${opener}...{closer} expansion", opened_at)
-
-
-# ---------------------------------------------------------------------------
 # Locating the trainer command
 
 
@@ -424,15 +218,15 @@ class _ResumeAt:
 
 @dataclass(frozen=True)
 class _Located:
-    words: tuple[_Word, ...]
+    words: tuple[Word, ...]
     script_index: int
 
     @property
-    def script_word(self) -> _Word:
+    def script_word(self) -> Word:
         return self.words[self.script_index]
 
     @property
-    def trainer_words(self) -> tuple[_Word, ...]:
+    def trainer_words(self) -> tuple[Word, ...]:
         return self.words[self.script_index + 1 :]
 
     @property
@@ -459,7 +253,7 @@ class _Located:
 
 def _locate(text: str) -> _Located:
     candidates: list[_Located] = []
-    for words in _Lexer(text).run():
+    for words in split_commands(text):
         script_index = next(
             (index for index, word in enumerate(words) if word.text.endswith(".py")), None
         )
@@ -473,7 +267,7 @@ def _locate(text: str) -> _Located:
         )
     if len(candidates) > 1:
         where = ", ".join(
-            f"line {_line_of(text, found.script_word.start)} ({found.script_word.text})"
+            f"line {line_of(text, found.script_word.start)} ({found.script_word.text})"
             for found in candidates
         )
         raise TrainScriptError(
@@ -487,16 +281,16 @@ def _locate(text: str) -> _Located:
 # Splicing
 
 
-def _insert_trainer_argument(text: str, script_word: _Word, argument: str) -> str:
+def _insert_trainer_argument(text: str, script_word: Word, argument: str) -> str:
     """Insert ``argument`` as the first trainer argument, right after the ``*.py`` word."""
     probe = script_word.end
-    while probe < len(text) and text[probe] in _BLANKS:
+    while probe < len(text) and text[probe] in BLANKS:
         probe += 1
     if text.startswith("\\\n", probe):
         # One flag per line (FluxGym): add a line of our own, indented like the next one.
         line_start = probe + 2
         indent_end = line_start
-        while indent_end < len(text) and text[indent_end] in _BLANKS:
+        while indent_end < len(text) and text[indent_end] in BLANKS:
             indent_end += 1
         indent = text[line_start:indent_end]
         return f"{text[:line_start]}{indent}{argument} \\\n{text[line_start:]}"
@@ -516,20 +310,20 @@ def _remove_span(text: str, option: _ResumeAt) -> str:
     # escaped blank (`foo\ `).
     floor = max(line_start, option.previous_end)
     before = option.start
-    while before > floor and text[before - 1] in _BLANKS:
+    while before > floor and text[before - 1] in BLANKS:
         before -= 1
     if before > line_start:
         return text[:before] + text[option.end :]
     after = option.end
-    while after < len(text) and text[after] in _BLANKS:
+    while after < len(text) and text[after] in BLANKS:
         after += 1
     text = text[: option.start] + text[after:]
     line_end = text.find("\n", line_start)
-    if line_end < 0 and line_start > 0 and text[line_start:].strip(_BLANKS) == "\\":
+    if line_end < 0 and line_start > 0 and text[line_start:].strip(BLANKS) == "\\":
         # The last line, without a newline: take the newline before it instead,
         # so a dangling final backslash stays dangling as FluxGym wrote it.
         return text[: line_start - 1]
-    if line_end >= 0 and text[line_start:line_end].strip(_BLANKS) == "\\":
+    if line_end >= 0 and text[line_start:line_end].strip(BLANKS) == "\\":
         return text[:line_start] + text[line_end + 1 :]
     return text
 

@@ -1,0 +1,167 @@
+"""The one pipeline that chooses where to resume and points the launch at it.
+
+Used by the recovery after a verdict, by "keep --resume current" while the run is
+healthy, by the first launch in process mode, and by ``training-sidecar resume``.
+The launch script names paths as the trainer sees them, so the choice is translated
+through the run's path map before it is written; the run's trainer knows the dialect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar import events
+from sidecar.checkpoints.choice import (
+    ResumeChoice,
+    choose_resume_point,
+    newest_resumable,
+    run_candidates,
+)
+from sidecar.checkpoints.file_memo import FileReportMemo
+from sidecar.checkpoints.scan import Candidate
+from sidecar.run.ledger import Ledger
+from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
+from sidecar.trainers import LaunchScriptError
+
+SAVE_STATE_REASON = "added --save_state: without it sd-scripts writes nothing resumable"
+
+
+@dataclass(frozen=True)
+class ResumeOptions:
+    ensure_save_state: bool  # SIDECAR_ENSURE_SAVE_STATE
+    allow_scratch: bool  # SIDECAR_FALLBACK=scratch
+
+
+class ResumePointer:
+    """Chooses checkpoints of one run and writes the choice into its launch script."""
+
+    def __init__(self, paths: RunPaths, options: ResumeOptions, log: Any) -> None:
+        self.paths = paths
+        self.options = options
+        self.log = log
+        # This run's folders are scanned again at every recovery and every pointer check.
+        self.memo = FileReportMemo()
+
+    def candidates(self, *, now: float, settle: float) -> list[Candidate]:
+        """The run's state folders; ``now`` is the wall clock (compared with file times)."""
+        return run_candidates(self.paths, now=now, settle=settle, memo=self.memo)
+
+    def choose_and_point(
+        self, ledger: Ledger, *, now: float, settle: float, after_failure: bool = True
+    ) -> ResumeChoice:
+        """Resolve the checkpoint and rewrite train.sh; the choice carries the new ledger.
+
+        The ledger's updates (the failed resume counted, quarantine, backoff) are the
+        caller's to keep once this returns, that is once train.sh points at the choice: a
+        rewrite that failed (a full disk) raises and is retried, and a retry must not count
+        the same failed resume twice. Raises NoCheckpointLeft, LaunchScriptError or OSError.
+        """
+        candidates = self.candidates(now=now, settle=settle)
+        choice = choose_resume_point(
+            candidates,
+            ledger,
+            allow_scratch=self.options.allow_scratch,
+            after_failure=after_failure,
+        )
+        checkpoint = choice.checkpoint
+        self.log.info(
+            events.CHECKPOINT_SELECTED,
+            checkpoint=choice.path,
+            reason=choice.reason,
+            completed_at=checkpoint.completed_at if checkpoint else None,
+            step=checkpoint.step if checkpoint else None,
+            rejected=_rejections(candidates, checkpoint),
+        )
+        self.point_at(choice.path, reason=choice.reason)
+        for path in choice.quarantined_now:
+            self.log.warning(
+                events.CHECKPOINT_QUARANTINED,
+                checkpoint=path,
+                failures=choice.ledger.resume_failures.get(path),
+                reason="resuming from it failed again before a newer checkpoint appeared",
+            )
+        return choice
+
+    def newest(self, ledger: Ledger, *, now: float, settle: float) -> Candidate | None:
+        """The newest complete checkpoint that is not quarantined."""
+        return newest_resumable(
+            self.paths, ledger.quarantined, now=now, settle=settle, memo=self.memo
+        )
+
+    def point_at(self, checkpoint: str | None, *, reason: str) -> bool:
+        """Make the next launch resume from ``checkpoint`` (sidecar view; None: from the
+        beginning), adding --save_state where the settings ask for it; True if it changed."""
+        trainer_path = self.paths.path_map.to_trainer(checkpoint) if checkpoint else None
+        changed, old, new = self.paths.trainer.rewrite_launch_script(
+            self.paths.train_script,
+            resume_from=trainer_path,
+            ensure_save_state=self.options.ensure_save_state,
+        )
+        self._log_rewrite(changed, old, new, resume=trainer_path, reason=reason)
+        return changed
+
+    def ensure_save_state(self) -> None:
+        """Add --save_state for the next start of a run we did not launch (FluxGym omits it);
+        a failure is logged, not raised: the run goes on as it is."""
+        if not self.options.ensure_save_state:
+            return
+        try:
+            changed, old, new = self.paths.trainer.add_save_state(self.paths.train_script)
+        except (LaunchScriptError, OSError) as error:
+            self.log.warning(events.TRAIN_SCRIPT_NOT_UPDATED, reason=str(error))
+            return
+        self._log_rewrite(changed, old, new, resume=None, reason=SAVE_STATE_REASON)
+
+    def planned_rewrite(self, checkpoint: str) -> list[str]:
+        """The diff that pointing train.sh at ``checkpoint`` would make; nothing is written.
+        Raises RunSetupError when the script cannot be read."""
+        old, _ = read_train_script(self.paths.train_script, self.paths.trainer)
+        new = self.paths.trainer.rewritten_launch_script(
+            old,
+            resume_from=self.paths.path_map.to_trainer(checkpoint),
+            ensure_save_state=self.options.ensure_save_state,
+        )
+        return self.paths.trainer.launch_script_diff(old, new, self.paths.train_script, context=1)
+
+    def keep_current(self, ledger: Ledger, *, now: float, settle: float) -> None:
+        """Point train.sh at the newest complete checkpoint if it names another one, so that
+        a restart by anyone (the orchestrator after a crash, a person) resumes from it."""
+        newest = self.newest(ledger, now=now, settle=settle)
+        if newest is None:
+            return
+        try:
+            _, command = read_train_script(self.paths.train_script, self.paths.trainer)
+            if command.resume != self.paths.path_map.to_trainer(str(newest.path)):
+                self.point_at(str(newest.path), reason="newer complete checkpoint")
+        except (RunSetupError, LaunchScriptError, OSError) as error:
+            self.log.warning(events.RESUME_POINTER_NOT_UPDATED, reason=str(error))
+
+    def resumed_checkpoint(self) -> str | None:
+        """The checkpoint train.sh resumes from now (sidecar view), if it can be read."""
+        try:
+            _, command = read_train_script(self.paths.train_script, self.paths.trainer)
+        except RunSetupError:
+            return None
+        return self.paths.path_map.to_sidecar(command.resume) if command.resume else None
+
+    def _log_rewrite(
+        self, changed: bool, old: str, new: str, *, resume: str | None, reason: str
+    ) -> None:
+        if changed:
+            script = self.paths.train_script
+            self.log.info(
+                events.TRAIN_SCRIPT_REWRITTEN,
+                path=str(script),
+                resume=resume,
+                reason=reason,
+                diff=self.paths.trainer.launch_script_diff(old, new, script),
+            )
+
+
+def _rejections(candidates: list[Candidate], chosen: Candidate | None) -> list[dict[str, Any]]:
+    return [
+        {"checkpoint": str(c.path), "problems": list(c.problems) or ["older than the chosen one"]}
+        for c in candidates
+        if chosen is None or c.path != chosen.path
+    ]
