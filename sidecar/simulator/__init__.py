@@ -5,6 +5,8 @@
 
   - :mod:`~sidecar.simulator.run_settings`: its flags and the ``SIM_*`` cadence;
   - :mod:`~sidecar.simulator.schedule`: step and epoch totals, state names, when to sample;
+  - :mod:`~sidecar.simulator.resume_position`: where a resumed run starts, as sd-scripts says;
+  - :mod:`~sidecar.simulator.lineage`: the (epoch, batch) pairs the simulated LoRA trained;
   - :mod:`~sidecar.simulator.training`: the training process itself, step by step;
   - :mod:`~sidecar.simulator.accelerate_state`: state folders saved and loaded as accelerate does;
   - :mod:`~sidecar.simulator.file_formats`: safetensors, torch zip and PNG bytes, the loaders'
@@ -20,5 +22,14 @@
 
 from sidecar.simulator.faults import Fault, format_faults, parse_faults
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
+from sidecar.simulator.lineage import read_lineage, uninterrupted_lineage
 
-__all__ = ["Fault", "FluxgymTree", "build_fluxgym_tree", "format_faults", "parse_faults"]
+__all__ = [
+    "Fault",
+    "FluxgymTree",
+    "build_fluxgym_tree",
+    "format_faults",
+    "parse_faults",
+    "read_lineage",
+    "uninterrupted_lineage",
+]

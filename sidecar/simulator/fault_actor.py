@@ -37,7 +37,7 @@ class FaultActor:
         self._context = context
 
     def suffer(self, fault: Fault) -> None:
-        if fault.kind == "crash":
+        if fault.kind in ("crash", "crash_in_save"):
             raise SimulatedCrash(fault)
         if fault.kind == "hang_busy":
             self._context.gpu.show(GpuActivity.BUSY_HANG)

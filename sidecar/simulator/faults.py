@@ -10,23 +10,32 @@ KIND
     ``hang_busy``     stop making progress but spin one CPU and report the GPU 100% busy
                       at low power (a hung NCCL collective, FluxGym issue 426).
     ``crash``         print a traceback-like message and exit with ``code`` (default 1).
-    ``hang_in_save``  during a state save, hang after ``train_state.json`` and the model
-                      weights are written: a half-written state folder stays behind.
+    ``hang_in_save``  during a state save, hang after ``files`` of its files are written
+                      (default 2: ``train_state.json`` and the model weights): a half-written
+                      state folder stays behind. sd-scripts saves into an existing folder in
+                      place (step-numbered names come round again after a resume), so when
+                      the folder existed it is left MIXED: new files beside the old ones.
+    ``crash_in_save`` the same point, but the trainer crashes (exit ``code``, default 1).
     ``slow_save``     spend ``seconds`` more on a state save (spread between its files).
     ``slow_start``    spend ``seconds`` more in the silent start-up before step 1.
 
 TRIGGER (at most one; ``step`` and ``save`` are counted within the current run)
     ``step=N``   after global step N has completed and been shown on the progress bar;
-                 ``step=0`` fires before the first step, leaving the bar at ``0/total``.
-    ``save=N``   at the Nth state save: ``hang_in_save`` hangs inside it, ``slow_save``
+                 ``step=0`` fires before the run's first step, leaving the bar at ``0/total``.
+                 N is this run's ``global_step``, as in step-numbered names: it restarts at 0
+                 after a resume (at the discarded remainder with --skip_until_initial_step).
+    ``save=N``   at the Nth state save: ``*_in_save`` fire inside it, ``slow_save``
                  slows only it, ``hang_*``/``crash`` fire right after it is complete.
     ``run=N``    only in the Nth run of this output folder (the trainer counts its runs).
 
-Without a trigger, ``hang_*`` and ``crash`` fire at ``step=0``, ``hang_in_save`` in the
+Without a trigger, ``hang_*`` and ``crash`` fire at ``step=0``, ``*_in_save`` in the
 first save, and ``slow_save`` slows every save.
 
 Options
-    ``code=N``      exit status of ``crash`` (0-255).
+    ``code=N``      exit status of ``crash`` and ``crash_in_save`` (0-255).
+    ``files=N``     for ``*_in_save``: how many of the save's files, in accelerate's order
+                    (``train_state.json``, ``model.safetensors``, ``optimizer.bin``,
+                    ``scheduler.bin``, ``random_states_0.pkl``), are written first (0-4).
     ``seconds=X``   required by ``slow_save`` and ``slow_start``; with a ``hang_*`` kind the
                     hang ends after X seconds and training goes on (a transient stall).
     ``run=N``       same as the ``run`` trigger, so it can be combined with ``step``/``save``.
@@ -34,7 +43,7 @@ Options
                     the restarted trainer gets past the point where the first one failed.
 
 Examples: ``hang_idle@step=3``, ``crash@step=5:code=137:once``, ``hang_in_save@save=2``,
-``slow_save:seconds=2``, ``hang_busy@step=0:run=2``.
+``slow_save:seconds=2``, ``hang_busy@step=0:run=2``, ``crash_in_save@save=3:files=4``.
 
 Tests and demos build faults with :class:`Fault` and :func:`format_faults` rather than
 writing strings, so a typo fails at construction instead of silently not firing.
@@ -47,7 +56,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
-FaultKind = Literal["hang_idle", "hang_busy", "crash", "hang_in_save", "slow_save", "slow_start"]
+FaultKind = Literal[
+    "hang_idle", "hang_busy", "crash", "hang_in_save", "crash_in_save", "slow_save", "slow_start"
+]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 _KINDS = ", ".join(FAULT_KINDS)
 
@@ -55,8 +66,13 @@ _HANG_KINDS = frozenset({"hang_idle", "hang_busy"})
 _STOPPING_KINDS = _HANG_KINDS | {"crash"}
 _NEEDS_SECONDS = frozenset({"slow_save", "slow_start"})
 _TAKES_SECONDS = _NEEDS_SECONDS | _HANG_KINDS | {"hang_in_save"}
+_IN_SAVE_KINDS = frozenset({"hang_in_save", "crash_in_save"})
+_CRASH_KINDS = frozenset({"crash", "crash_in_save"})
 _TRIGGER_KEYS = ("step", "save", "run")
-_OPTION_KEYS = ("code", "seconds", "run")
+_OPTION_KEYS = ("code", "seconds", "run", "files")
+# The files of one state save, in the order they are written (accelerate_state.StateSaver).
+SAVE_FILE_COUNT = 5
+DEFAULT_FILES_BEFORE_FAULT = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,7 @@ class Fault:
     code: int | None = None
     seconds: float | None = None
     once: bool = False
+    files: int | None = None
 
     def __post_init__(self) -> None:
         spec = self._raw_spec()
@@ -90,15 +107,15 @@ class Fault:
         self._check_options_fit_kind(spec)
 
     def _check_trigger_fits_kind(self, spec: str) -> None:
-        if self.kind in {"hang_in_save", "slow_save"} and self.step is not None:
+        if self.kind in _IN_SAVE_KINDS | {"slow_save"} and self.step is not None:
             raise ValueError(f"fault {spec!r}: {self.kind} is triggered by save=N, not step=N")
         if self.kind == "slow_start" and (self.step is not None or self.save is not None):
             raise ValueError(f"fault {spec!r}: slow_start takes no step/save trigger (only run=N)")
 
     def _check_options_fit_kind(self, spec: str) -> None:
         if self.code is not None:
-            if self.kind != "crash":
-                raise ValueError(f"fault {spec!r}: code= only applies to crash")
+            if self.kind not in _CRASH_KINDS:
+                raise ValueError(f"fault {spec!r}: code= only applies to crash, crash_in_save")
             if not 0 <= self.code <= 255:
                 raise ValueError(f"fault {spec!r}: code={self.code} is not an exit status 0-255")
         if self.seconds is not None:
@@ -110,6 +127,15 @@ class Fault:
                 )
         elif self.kind in _NEEDS_SECONDS:
             raise ValueError(f"fault {spec!r}: {self.kind} needs seconds=X")
+        if self.files is not None:
+            if self.kind not in _IN_SAVE_KINDS:
+                raise ValueError(f"fault {spec!r}: files= only applies to *_in_save")
+            _check_count(spec, "files", self.files, minimum=0)
+            if self.files >= SAVE_FILE_COUNT:
+                raise ValueError(
+                    f"fault {spec!r}: files={self.files} must be below {SAVE_FILE_COUNT}"
+                    " (a fault after the whole save is save=N on hang_*/crash)"
+                )
 
     def to_spec(self) -> str:
         """The canonical ``SIM_FAULTS`` entry; ``parse_fault(f.to_spec()) == f``."""
@@ -127,6 +153,8 @@ class Fault:
             parts.append(f"code={self.code}")
         if self.seconds is not None:
             parts.append(f"seconds={self.seconds!r}")  # shortest text that parses back exactly
+        if self.files is not None:
+            parts.append(f"files={self.files}")
         if self.once:
             parts.append("once")
         return ":".join(parts)
@@ -140,6 +168,7 @@ class Fault:
             "run": self.run,
             "code": self.code,
             "seconds": self.seconds,
+            "files": self.files,
         }
         options = [f"{key}={value}" for key, value in fields.items() if value is not None]
         return ":".join([str(self.kind), *options, *(["once"] if self.once else [])])
@@ -153,6 +182,11 @@ class Fault:
     @property
     def is_hang(self) -> bool:
         return self.kind in _HANG_KINDS
+
+    @property
+    def files_before(self) -> int:
+        """For ``*_in_save``: how many of the save's files are written before it fires."""
+        return DEFAULT_FILES_BEFORE_FAULT if self.files is None else self.files
 
     @property
     def fire_step(self) -> int | None:
@@ -214,6 +248,7 @@ def _build(kind: FaultKind, values: dict[str, int | float], once: bool) -> Fault
         code=integer("code"),
         seconds=None if seconds is None else float(seconds),
         once=once,
+        files=integer("files"),
     )
 
 
@@ -271,9 +306,9 @@ class FaultPlan:
         )
 
     def inside_save(self, save_number: int) -> Fault | None:
-        """The ``hang_in_save`` fault for the Nth state save, if any."""
+        """The ``hang_in_save``/``crash_in_save`` fault for the Nth state save, if any."""
         return next(
-            (f for f in self.faults if f.kind == "hang_in_save" and (f.save or 1) == save_number),
+            (f for f in self.faults if f.kind in _IN_SAVE_KINDS and (f.save or 1) == save_number),
             None,
         )
 

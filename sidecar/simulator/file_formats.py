@@ -75,6 +75,14 @@ def check_safetensors_loadable(path: Path) -> None:
         raise SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
 
 
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (empty when it has none)."""
+    with open(path, "rb") as handle:
+        (header_length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_length))
+    return dict(header.get("__metadata__") or {})
+
+
 def check_torch_archive(path: Path) -> None:
     """``torch.load``'s failure modes: missing file, or a zip without its central directory."""
     if not path.is_file():

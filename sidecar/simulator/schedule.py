@@ -23,33 +23,6 @@ class TrainingPlan:
         return cls(steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
 
 
-def initial_step_for(
-    args: argparse.Namespace, steps_from_state: int | None, steps_per_epoch: int
-) -> int:
-    """The step count to start from: --initial_step/--initial_epoch win over train_state.json."""
-    if args.initial_step is not None:
-        return int(args.initial_step)
-    if args.initial_epoch is not None:
-        return (int(args.initial_epoch) - 1) * steps_per_epoch
-    return steps_from_state or 0
-
-
-def first_epoch_index(initial_step: int, plan: TrainingPlan) -> int:
-    """Index of the first epoch to train; whole epochs before it are skipped.
-
-    Raises AssertionError, worded like sd-scripts, when nothing would be left to train
-    (for instance when resuming from a finished run's final state).
-    """
-    if initial_step <= 0:
-        return 0
-    if plan.max_train_steps <= initial_step:
-        raise AssertionError(
-            "max_train_steps should be greater than initial step: "
-            f"{plan.max_train_steps} vs {initial_step}"
-        )
-    return initial_step // plan.steps_per_epoch
-
-
 def step_state_name(name: str, step: int) -> str:
     return f"{name}-step{step:08d}-state"
 
@@ -66,11 +39,33 @@ def stale_step_state(step: int, keep_steps: int, every_n_steps: int) -> int | No
     """The step state sd-scripts removes after saving at ``step``, or None.
 
     ``--save_last_n_steps_state`` counts steps, not folders: the state saved just over
-    ``keep_steps`` steps ago (rounded down to the save cadence) is removed.
+    ``keep_steps`` steps ago (rounded down to the save cadence) is removed
+    (train_util.save_and_remove_state_stepwise: ``if remove_step_no > 0``).
     """
     candidate = step - keep_steps - 1
     candidate -= candidate % every_n_steps
     return candidate if candidate > 0 else None
+
+
+def stale_step_model(step: int, keep_steps: int | None, every_n_steps: int) -> int | None:
+    """train_util.get_remove_step_no: the step model file removed after saving at ``step``.
+
+    Same arithmetic as for states, but only ``--save_last_n_steps`` counts and the test is
+    ``remove_step_no < 0`` (so step 0 is "removed", which finds no file).
+    """
+    if keep_steps is None:
+        return None
+    candidate = step - keep_steps - 1
+    candidate -= candidate % every_n_steps
+    return None if candidate < 0 else candidate
+
+
+def stale_epoch_model(epoch: int, keep_epochs: int | None, every_n_epochs: int) -> int | None:
+    """train_util.get_remove_epoch_no: the epoch model file removed after saving ``epoch``."""
+    if keep_epochs is None:
+        return None
+    candidate = epoch - every_n_epochs * keep_epochs
+    return None if candidate < 0 else candidate
 
 
 def should_sample(args: argparse.Namespace, step: int, epoch: int | None) -> bool:

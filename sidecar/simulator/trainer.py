@@ -12,15 +12,19 @@ process state, so that is what this simulator reproduces faithfully (see REFEREN
 - state folders only with ``--save_state``, in accelerate's file order, ``train_state.json``
   first; model files named like sd-scripts names them; ``--save_last_n_steps_state`` removes an
   older step state after writing a new one.
-- ``--resume DIR`` fails like accelerate does on a missing or damaged folder, skips the whole
-  epochs already done, and then, as sd-scripts does without ``--skip_until_initial_step``,
-  counts steps from 0 again (progress bar, step-numbered names and the next train_state.json).
-  The epochs to skip are ``current_step // steps_per_epoch`` from train_state.json, exactly as
-  sd-scripts computes them, so resuming from a state written by a resumed run goes back further
-  than its ``current_epoch`` says, and a resumed run rewrites any same-named step states left
-  by the earlier run. ``--initial_epoch``/``--initial_step`` override the step from
-  train_state.json, as in sd-scripts. The bar's total stays ``max_train_steps``, so a resumed
-  run ends below 100%.
+- ``--resume DIR`` fails like accelerate does on a missing or damaged folder and otherwise
+  positions the run exactly as sd-scripts' train_network.py does (one process, gradient
+  accumulation 1; :mod:`sidecar.simulator.resume_position`): ``steps_from_state`` is
+  train_state.json's ``current_step``; ``--initial_step`` (or ``--initial_epoch``) overrides it
+  with sd-scripts' warning; whole epochs ``initial_step // steps_per_epoch`` are skipped;
+  without ``--skip_until_initial_step`` the partial epoch is trained again and ``global_step``
+  restarts at 0, with it the first batches are discarded and ``global_step`` starts at the
+  remainder. Either way ``global_step`` is relative to this attempt, so step-numbered states
+  come round again and are overwritten in place, and a train_state.json written by a resumed
+  run makes the next resume start too early. The bar's total is ``max_train_steps`` minus that
+  remainder and counts from 0, so a resumed run ends below 100%.
+- the simulated LoRA records the ``(epoch, batch)`` pairs it trained (its lineage, see
+  :mod:`sidecar.simulator.lineage`) in every safetensors file and takes it back on resume.
 
 Cadence and faults come from environment variables, read once at start:
 

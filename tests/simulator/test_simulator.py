@@ -6,6 +6,7 @@ FluxGym-shaped tree, through the accelerate stand-in, with fast ``SIM_*`` timing
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -32,7 +33,8 @@ from sidecar.simulator.file_formats import (
     torch_archive_bytes,
 )
 from sidecar.simulator.fluxgym_tree import FIXTURE_SCRIPTS, fixture_script, render_train_script
-from sidecar.simulator.schedule import TrainingPlan, first_epoch_index, stale_step_state
+from sidecar.simulator.resume_position import ResumePosition, resume_position
+from sidecar.simulator.schedule import TrainingPlan, stale_step_state
 from sidecar.simulator.terminal_output import format_progress
 from sidecar.simulator.trainer import main as trainer_main
 
@@ -371,11 +373,18 @@ def test_resume_from_final_state_fails_the_step_assertion(
 def test_epochs_to_skip_come_from_current_step() -> None:
     """Skipped epochs are current_step // steps_per_epoch, so a mid-epoch state redoes its epoch."""
     plan = TrainingPlan(steps_per_epoch=4, max_train_steps=64, num_train_epochs=16)
-    assert first_epoch_index(0, plan) == 0
-    assert first_epoch_index(8, plan) == 2
-    assert first_epoch_index(10, plan) == 2
+    args = argparse.Namespace(
+        initial_epoch=None, initial_step=None, skip_until_initial_step=False, resume="x"
+    )
+
+    def position(steps_from_state: int | None) -> ResumePosition:
+        return resume_position(args, steps_from_state, plan, lambda *_: None)
+
+    assert position(None) == ResumePosition(0, 0, 4)
+    assert position(8).epoch_to_start == 2
+    assert position(10) == ResumePosition(2, 0, 4)  # initial_step 0: the partial epoch again
     with pytest.raises(AssertionError, match="max_train_steps should be greater than initial step"):
-        first_epoch_index(64, plan)
+        position(64)
 
 
 def test_stale_step_state_follows_sd_scripts_arithmetic() -> None:
