@@ -4,7 +4,8 @@ Every container made here comes from `BASE_IMAGE` (nothing can be pulled on the
 build machines), carries `training-sidecar-test=1` plus this session's id, and is
 force-removed when its context ends, so a failed test leaves nothing running.
 `FlakyDockerProxy` stands between a client and the engine and can make the
-daemon "unreachable" on demand without stopping dockerd.
+daemon "unreachable" on demand without stopping dockerd. `build_image` builds (and
+`image_id` names) the images the end-to-end tests run.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import functools
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -77,6 +80,44 @@ def require_docker() -> None:
 
 def unique_name(prefix: str) -> str:
     return f"sidecar-test-{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# A cold build installs the dependencies from the package index; later ones hit the cache.
+BUILD_TIMEOUT = 900
+
+
+def run_command(
+    command: list[str], timeout: float = 120, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
+
+
+def image_id(reference: str) -> str | None:
+    result = run_command(["docker", "image", "inspect", "--format", "{{.Id}}", reference])
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def build_image(tag: str, context: Path, build_args: dict[str, str]) -> int:
+    """Build ``tag``; drop the image it replaces (as test_packaging does); its size in bytes."""
+    previous = image_id(tag)
+    arguments = [
+        part for name, value in build_args.items() for part in ("--build-arg", f"{name}={value}")
+    ]
+    result = run_command(
+        ["docker", "build", *arguments, "--tag", tag, str(context)], timeout=BUILD_TIMEOUT
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"docker build of {tag} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    current = image_id(tag)
+    if previous and previous != current:
+        # Refused while a container uses it: harmless.
+        run_command(["docker", "image", "rm", previous])
+    size = run_command(["docker", "image", "inspect", "--format", "{{.Size}}", tag])
+    return int(size.stdout.strip())
 
 
 class ThrowawayContainers:
@@ -296,3 +337,24 @@ def poll_until(predicate: Any, *, timeout: float, interval: float = 0.05) -> Any
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+class ContainerReachableProxy(FlakyDockerProxy):
+    """FlakyDockerProxy whose socket a UID 1000 process in a container may connect to.
+
+    Its folder is bind-mounted into the sidecar (a folder, not the socket file, so that the
+    socket `restore()` makes anew is seen there too); the socket is created world-writable
+    (connect(2) needs write permission) in one step, so a client never meets it half-ready.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = os.path.dirname(self.path)
+        os.chmod(self.folder, 0o755)
+
+    def restore(self) -> None:
+        previous = os.umask(0)
+        try:
+            super().restore()
+        finally:
+            os.umask(previous)

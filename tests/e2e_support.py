@@ -9,6 +9,9 @@ Two images are built once per session (and cached by Docker's layer cache across
   the simulator) and a FluxGym-like root at /app/fluxgym built inside the image, running as
   UID 1000 like FluxGym's own image.
 
+A variant of the trainer image (tests/e2e/venv-ui) is built on top of it for the tests that
+need a venv-based install, whose accelerate only the UI's own PATH reaches.
+
 The test writes `outputs/my-lora/{train.sh,dataset.toml,sample_prompts.txt}` into a host
 folder that the trainer sees at /app/fluxgym/outputs and the sidecar at /outputs, then brings
 up a compose project written for the test. Everything carries the test labels and is removed
@@ -40,9 +43,10 @@ from docker_support import (
     SESSION_ID,
     SESSION_LABEL,
     TEST_LABEL,
-    FlakyDockerProxy,
+    build_image,
     docker_client,
     remove_session_containers,
+    run_command,
     unique_name,
 )
 
@@ -54,8 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SIDECAR_IMAGE = "training-sidecar:test"
 TRAINER_IMAGE = "training-sidecar-e2e-trainer:test"
 TRAINER_CONTEXT = Path(__file__).resolve().parent / "e2e" / "trainer"
-# A cold build installs the dependencies from the package index; later ones hit the cache.
-BUILD_TIMEOUT = 900
+# The trainer image as a venv-based install: accelerate only on the UI process's PATH.
+VENV_UI_IMAGE = "training-sidecar-e2e-venv-ui:test"
+VENV_UI_CONTEXT = Path(__file__).resolve().parent / "e2e" / "venv-ui"
 
 FLUXGYM_ROOT = "/app/fluxgym"
 RUN_NAME = "my-lora"
@@ -107,47 +112,24 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _run(
-    command: list[str], timeout: float = 120, **kwargs: Any
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )
-
-
-def _image_id(reference: str) -> str | None:
-    result = _run(["docker", "image", "inspect", "--format", "{{.Id}}", reference])
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def _build(tag: str, context: Path, build_args: dict[str, str]) -> int:
-    """Build ``tag``; drop the image it replaces (as test_packaging does); its size in bytes."""
-    previous = _image_id(tag)
-    arguments = [
-        part for name, value in build_args.items() for part in ("--build-arg", f"{name}={value}")
-    ]
-    result = _run(
-        ["docker", "build", *arguments, "--tag", tag, str(context)], timeout=BUILD_TIMEOUT
-    )
-    if result.returncode != 0:
-        pytest.fail(
-            f"docker build of {tag} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    current = _image_id(tag)
-    if previous and previous != current:
-        _run(["docker", "image", "rm", previous])  # refused while a container uses it: harmless
-    size = _run(["docker", "image", "inspect", "--format", "{{.Size}}", tag])
-    return int(size.stdout.strip())
-
-
 @functools.cache
 def build_images() -> Images:
     """Both images, built once per pytest process (each test module asks; one build runs)."""
-    sidecar_bytes = _build(SIDECAR_IMAGE, ROOT, {"BASE_IMAGE": BASE_IMAGE, "VERSION": __version__})
-    trainer_bytes = _build(
+    sidecar_bytes = build_image(
+        SIDECAR_IMAGE, ROOT, {"BASE_IMAGE": BASE_IMAGE, "VERSION": __version__}
+    )
+    trainer_bytes = build_image(
         TRAINER_IMAGE, TRAINER_CONTEXT, {"BASE_IMAGE": BASE_IMAGE, "SIDECAR_IMAGE": SIDECAR_IMAGE}
     )
     return Images(SIDECAR_IMAGE, TRAINER_IMAGE, sidecar_bytes, trainer_bytes)
+
+
+@functools.cache
+def build_venv_ui_image() -> str:
+    """The venv-UI variant of the trainer image (tests/e2e/venv-ui), on top of build_images."""
+    images = build_images()
+    build_image(VENV_UI_IMAGE, VENV_UI_CONTEXT, {"TRAINER_IMAGE": images.trainer})
+    return VENV_UI_IMAGE
 
 
 def compose_command() -> list[str]:
@@ -155,7 +137,7 @@ def compose_command() -> list[str]:
     beside_python = Path(sys.executable).parent / "docker-compose"
     if os.access(beside_python, os.X_OK):
         return [str(beside_python)]
-    if shutil.which("docker") and _run(["docker", "compose", "version"]).returncode == 0:
+    if shutil.which("docker") and run_command(["docker", "compose", "version"]).returncode == 0:
         return ["docker", "compose"]
     _unavailable("Docker Compose v2 not installed (run .ci/provision-docker.sh)")
     raise AssertionError("unreachable")
@@ -311,6 +293,7 @@ class Scene:
         *,
         command: list[str] | None = None,
         simulation: dict[str, str] | None = None,
+        environment: dict[str, str] | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
         """The FluxGym stand-in: its root in the image, the outputs folder bind-mounted."""
@@ -318,7 +301,7 @@ class Scene:
             "image": TRAINER_IMAGE,
             "command": command or TRAIN_COMMAND,
             "working_dir": FLUXGYM_ROOT,
-            "environment": {**FAST_TRAINER, **(simulation or {})},
+            "environment": {**FAST_TRAINER, **(simulation or {}), **(environment or {})},
             "volumes": [f"{self.outputs}:{TRAINER_OUTPUTS}"],
             "labels": self._labels(),
             "restart": "no",
@@ -326,6 +309,26 @@ class Scene:
         }
         service.update(extra)
         return service
+
+    def exec_services(self, **trainer: Any) -> dict[str, dict[str, Any]]:
+        """exec mode beside a long-lived UI container, as compose.yaml sets it up.
+
+        The sidecar follows the outputs ROOT (it finds the run the UI starts); the UI's
+        container joins the sidecar's PID namespace. ``trainer`` goes to trainer_service.
+        """
+        sidecar = {
+            "SIDECAR_RESTART_MODE": "exec",
+            "SIDECAR_TRAINER_CONTAINER": "trainer",
+            "SIDECAR_OUTPUT_DIR": SIDECAR_OUTPUTS,
+        }
+        return {
+            "sidecar": self.sidecar_service(sidecar),
+            "trainer": self.trainer_service(
+                pid="service:sidecar",
+                depends_on={"sidecar": {"condition": "service_started"}},
+                **trainer,
+            ),
+        }
 
     def up(self, services: dict[str, dict[str, Any]]) -> None:
         """Write the compose file and `docker compose up -d` it."""
@@ -352,7 +355,7 @@ class Scene:
             for key, value in os.environ.items()
             if not key.startswith(("COMPOSE_", "DOCKER_HOST"))
         }
-        return _run(
+        return run_command(
             [
                 *self._compose,
                 "--project-name",
@@ -466,30 +469,6 @@ def open_scene(folder: Path, test_name: str) -> Iterator[Scene]:
         yield scene
     finally:
         scene.close()
-
-
-# -- a Docker API the sidecar container can be cut off from ----------------------------------
-
-
-class ContainerReachableProxy(FlakyDockerProxy):
-    """FlakyDockerProxy whose socket a UID 1000 process in a container may connect to.
-
-    Its folder is bind-mounted into the sidecar (a folder, not the socket file, so that the
-    socket `restore()` makes anew is seen there too); the socket is created world-writable
-    (connect(2) needs write permission) in one step, so a client never meets it half-ready.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.folder = os.path.dirname(self.path)
-        os.chmod(self.folder, 0o755)
-
-    def restore(self) -> None:
-        previous = os.umask(0)
-        try:
-            super().restore()
-        finally:
-            os.umask(previous)
 
 
 def step_seen(log: str, step: int, total: int) -> bool:

@@ -182,6 +182,10 @@ class DockerGateway:
     ) -> str:
         """Start ``command`` in the container without waiting; returns the exec id.
 
+        ``environment`` is laid over the container's own (the Engine merges: a variable given
+        here wins, one not given keeps the container's value); ``workdir`` None is the
+        container's working directory.
+
         The start is not repeated when its answer was lost: the command may already run,
         and a second trainer on the same GPU is worse than a reported failure.
         """

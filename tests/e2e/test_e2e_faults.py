@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from docker_support import require_docker
+from docker_support import ContainerReachableProxy, require_docker
 from e2e_support import (
     HANG_STEP,
     RESUMED_STATE,
     SIDECAR_RUN_DIR,
     SIDECAR_SCRIPT,
     TRAINER_RUN_DIR,
-    ContainerReachableProxy,
     Images,
     Scene,
     build_images,

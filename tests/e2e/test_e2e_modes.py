@@ -28,6 +28,7 @@ from e2e_support import (
     Scene,
     announce,
     build_images,
+    build_venv_ui_image,
     open_scene,
     report_recovery,
 )
@@ -37,6 +38,11 @@ from sidecar.trainers.sd_scripts.train_script import parse_train_script
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 HANG_ONCE = {"SIM_FAULTS": f"hang_idle@step={HANG_STEP}:once"}
+# A second hang after the relaunched trainer's second save: two relaunches, the second of a
+# trainer that the sidecar itself had relaunched.
+HANG_TWICE = {"SIM_FAULTS": f"hang_idle@step={HANG_STEP}:run=1;hang_idle@save=2:run=2"}
+# The UI stand-in (tests/e2e/venv-ui/ui_launcher.py) starts train.sh once this file exists.
+UI_START_FILE = "/tmp/start-training"
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +55,11 @@ def images(pytestconfig: pytest.Config) -> Images:
         f"{built.trainer}: {built.trainer_bytes / 1e6:.1f} MB",
     )
     return built
+
+
+@pytest.fixture(scope="module")
+def venv_ui_image(images: Images) -> str:
+    return build_venv_ui_image()
 
 
 @pytest.fixture
@@ -152,24 +163,10 @@ def test_exec_mode_relaunches_inside_the_long_lived_container(
     """The UI's container keeps its main process; the sidecar finds the run under the outputs
     root, kills only the training processes and relaunches train.sh with docker exec."""
     scene.write_run("--save_every_n_steps 6 --save_state")
+    # python's http.server stands in for FluxGym's web UI: the container's main process,
+    # which must survive every recovery.
     scene.up(
-        {
-            "sidecar": scene.sidecar_service(
-                {
-                    "SIDECAR_RESTART_MODE": "exec",
-                    "SIDECAR_TRAINER_CONTAINER": "trainer",
-                    "SIDECAR_OUTPUT_DIR": SIDECAR_OUTPUTS,  # the outputs ROOT: follow the run
-                }
-            ),
-            # python's http.server stands in for FluxGym's web UI: the container's main
-            # process, which must survive every recovery.
-            "trainer": scene.trainer_service(
-                command=["python3", "-m", "http.server", "7860"],
-                simulation=HANG_ONCE,
-                pid="service:sidecar",
-                depends_on={"sidecar": {"condition": "service_started"}},
-            ),
-        }
+        scene.exec_services(command=["python3", "-m", "http.server", "7860"], simulation=HANG_ONCE)
     )
     scene.wait_for("run_selected")
     ui = scene.state("trainer")
@@ -203,6 +200,51 @@ def test_exec_mode_relaunches_inside_the_long_lived_container(
     left = [" ".join(row) for row in scene.container("trainer").top()["Processes"]]
     assert not [row for row in left if "train.sh" in row or "flux_train" in row], left
     _assert_resumed_and_completed(scene)
+
+
+def test_exec_mode_relaunches_with_the_environment_the_ui_gave_train_sh(
+    scene: Scene, venv_ui_image: str, pytestconfig: pytest.Config, record_property: Any
+) -> None:
+    """A venv-based install: accelerate is only on the PATH the UI process gave train.sh, not
+    on the container's. Each relaunch uses the environment and working directory read from
+    the original train.sh process (kept across relaunches) and resumes; with the container's
+    plain exec environment train.sh would end at once with `accelerate: command not found`."""
+    scene.write_run("--save_every_n_steps 6 --save_state")
+    scene.up(
+        scene.exec_services(
+            image=venv_ui_image,
+            command=["python3", f"{FLUXGYM_ROOT}/ui_launcher.py"],
+            simulation=HANG_TWICE,
+            environment={"UI_TRAIN_SCRIPT": TRAINER_SCRIPT, "UI_START_FILE": UI_START_FILE},
+        )
+    )
+    scene.wait_for("run_selected")
+    ui = scene.container("trainer")
+    # The premise: a plain exec in this container cannot find accelerate.
+    assert ui.exec_run(["bash", "-c", "command -v accelerate"]).exit_code == 1
+    ui.exec_run(["touch", UI_START_FILE])  # "Start training" in the UI
+    first = scene.wait_for("trainer_restarted")
+    second = scene.wait_for("trainer_restarted", count=2)
+    completed = scene.wait_for("training_completed", timeout=60)
+    report_recovery(
+        pytestconfig, record_property, "exec-venv", scene.named("stall_detected")[1], second
+    )
+
+    relaunches = scene.named("relaunch_environment")
+    assert len(relaunches) == 2, scene.story()
+    for relaunch in relaunches:
+        assert relaunch["environment"] == "original_process", relaunch
+        assert (relaunch["workdir"], relaunch["workdir_from"]) == (FLUXGYM_ROOT, "original_process")
+        assert {"PATH", "VIRTUAL_ENV", "HOME", "SIM_FAULTS"} <= set(relaunch["variables"])
+        assert not {"_", "SHLVL", "PWD", "OLDPWD"} & set(relaunch["variables"])
+    assert first["checkpoint"] == f"{SIDECAR_RUN_DIR}/{RESUMED_STATE}"
+    assert completed["exit_code"] == 0
+    log = scene.train_log()
+    assert "command not found" not in log, log[-2000:]
+    assert log.count("resuming from") == 2, log[-2000:]
+    assert (scene.run_dir / "my-lora.safetensors").is_file()
+    assert len(scene.ledger()["recoveries"]) == 2
+    assert scene.state("trainer")["Running"], "the UI stayed up"
 
 
 def test_signal_mode_lets_the_restart_policy_bring_the_trainer_back(
