@@ -15,7 +15,7 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 # accelerate's save order (REFERENCE section 3), preceded by sd-scripts' pre-save hook.
@@ -111,12 +111,14 @@ def write_state_folder(
     omit: Collection[str] = frozenset(),
     mtime: float | None = None,
     random_states_as_zip: bool = False,
+    mtimes: Mapping[str, float] | None = None,
 ) -> Path:
     """Write a complete state folder, then damage it as asked.
 
     ``truncate`` cuts ``truncate_by`` bytes off the end of that file, ``empty``
     leaves that file with no bytes, ``omit`` leaves files out, and ``mtime`` sets
-    every file's modification time (the folder's own mtime is left alone).
+    every file's modification time (the folder's own mtime is left alone);
+    ``mtimes`` then sets single files' times (e.g. those an earlier save left).
     """
     folder.mkdir(parents=True, exist_ok=True)
     contents = state_file_contents(
@@ -132,6 +134,8 @@ def write_state_folder(
         (folder / name).write_bytes(data)
     if mtime is not None:
         set_mtime(folder, mtime)
+    for name, file_mtime in (mtimes or {}).items():
+        os.utime(folder / name, (file_mtime, file_mtime))
     return folder
 
 

@@ -5,14 +5,20 @@ attempt that just failed had resumed from that same checkpoint (no newer one
 appeared in between), the failure counts against it; after two such failures it
 is quarantined and the next older complete one is used. Nothing is mutated: the
 choice carries the ledger as it must be saved once the launch points at it.
+
+A state the sidecar may not read is progress it cannot see: when one is newer than
+the chosen checkpoint (or there is none), the choice raises CheckpointUnreadable
+instead of resuming from something older or starting over.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from sidecar.checkpoints.access import UnreadableFile, describe_denial
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
 from sidecar.run.ledger import Ledger
@@ -25,6 +31,23 @@ class NoCheckpointLeft(Exception):
     def __init__(self, message: str, ledger: Ledger) -> None:
         super().__init__(message)
         self.ledger = ledger  # with the quarantine that led here, to be kept on giving up
+
+
+class CheckpointUnreadable(NoCheckpointLeft):
+    """A state newer than every usable checkpoint exists but the sidecar may not read it.
+
+    Raised by choose_resume_point instead of resuming from an older checkpoint or from
+    the beginning, either of which would throw away the progress in ``checkpoint``.
+    The message names the file, its owner, group and mode, the sidecar's UID and the
+    fix (run the sidecar with the trainer's UID, or give it read access). Recovery
+    should stop and report it; nothing has been changed. Being a NoCheckpointLeft, it
+    is caught by whoever catches that: ``ledger`` is the ledger to keep, as there.
+    """
+
+    def __init__(self, message: str, ledger: Ledger, checkpoint: Candidate) -> None:
+        super().__init__(message, ledger)
+        self.checkpoint = checkpoint  # the newest unreadable state (its path, its kind)
+        self.files: tuple[UnreadableFile, ...] = checkpoint.unreadable
 
 
 def run_candidates(
@@ -79,7 +102,8 @@ def choose_resume_point(
     ``after_failure`` False (a sidecar starting up, not a failed attempt) counts nothing
     against the checkpoint the last attempt resumed from: a restart of the sidecar says
     nothing about that checkpoint. Raises NoCheckpointLeft with the ledger that led to it
-    (the quarantine is kept when giving up).
+    (the quarantine is kept when giving up), and its CheckpointUnreadable when a state
+    the sidecar may not read is newer than the choice (whether or not scratch is allowed).
     """
     updated = copy.deepcopy(ledger)
     quarantined_now: list[str] = []
@@ -89,6 +113,9 @@ def choose_resume_point(
         if updated.record_failed_resume(failed_from):
             quarantined_now.append(failed_from)
             best = choose_checkpoint(candidates, exclude=updated.quarantined)
+    hidden = _newest_unreadable(candidates, best, exclude=updated.quarantined)
+    if hidden is not None:
+        raise CheckpointUnreadable(_unreadable_message(hidden, best), updated, hidden)
     if best is not None:
         reason = "newest complete checkpoint"
     elif not (updated.quarantined or any(c.complete for c in candidates)):
@@ -127,3 +154,50 @@ def _is_the_one_resumed(candidate: Candidate, ledger: Ledger) -> bool:
         return False
     resumed = ledger.current_checkpoint_completed_at
     return resumed is None or candidate.completed_at == resumed
+
+
+def _newest_unreadable(
+    candidates: Sequence[Candidate], best: Candidate | None, *, exclude: Collection[str]
+) -> Candidate | None:
+    """The newest state that only refused access and may be newer than ``best``.
+
+    A state with other problems as well (missing files, a mixed or final state) could not
+    be resumed from even if readable, so it hides nothing. A folder that cannot be listed
+    is dated by its own mtime: every save renames or creates a file in it (safetensors
+    renames its temporary file into place), so that is within its last save. An unknown
+    time, or one equal to the choice's (a coarse clock), may be the newer one: never
+    discard hours on a guess.
+    """
+    floor = best.completed_at if best is not None else None
+    hiding = [
+        candidate
+        for candidate in candidates
+        if candidate.unreadable_only
+        and str(candidate.path) not in exclude
+        # An older state beside a newer readable one: nothing is lost by passing over it.
+        and not (floor is not None and _latest_known(candidate) < floor)
+    ]
+    return max(hiding, key=_latest_known, default=None)
+
+
+def _latest_known(candidate: Candidate) -> float:
+    times = [unreadable.mtime for unreadable in candidate.unreadable]
+    times.append(candidate.completed_at)
+    known = [time for time in times if time is not None]
+    return max(known) if known else math.inf
+
+
+def _unreadable_message(hidden: Candidate, best: Candidate | None) -> str:
+    if best is not None:
+        situation = (
+            f"checkpoint {hidden.path} is newer than the newest readable one ({best.path}) "
+            "but cannot be read; recovery stops rather than resume from the older one"
+        )
+    else:
+        situation = (
+            f"checkpoint {hidden.path} cannot be read and no other checkpoint can; "
+            "recovery stops rather than restart from the beginning"
+        )
+    first, *others = hidden.unreadable
+    more = f"; also unreadable: {', '.join(u.path for u in others)}" if others else ""
+    return f"{situation} and lose its progress: {describe_denial(first)}{more}"

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from sidecar.checkpoints.access import UnreadableFile, denial
+
 StrPath: TypeAlias = str | os.PathLike[str]
 
 # The safetensors loader itself refuses headers above 100 MB; a longer claim is corruption.
@@ -82,6 +84,10 @@ class FileReport:
     mtime: float | None = None  # st_mtime from the descriptor that was checked
     epoch: int | None = None  # current_epoch, train_state.json only
     step: int | None = None  # current_step, train_state.json only
+    # The same time in nanoseconds: the write-order check compares files saved
+    # milliseconds apart, which a float of seconds since 1970 rounds together.
+    mtime_ns: int | None = None
+    unreadable: UnreadableFile | None = None  # set when access was refused (not "broken")
 
 
 class _OpenFile:
@@ -98,6 +104,13 @@ class _OpenFile:
         self._whole: bytes | None = None
         if stat.S_ISREG(status.st_mode) and 0 < self.size <= _SMALL_FILE_BYTES:
             self._whole = self._pread(0, self.size)
+
+    def report(
+        self, problem: str | None, *, epoch: int | None = None, step: int | None = None
+    ) -> FileReport:
+        """The report of this file, dated by the descriptor's own status."""
+        mtime, mtime_ns = self.status.st_mtime, self.status.st_mtime_ns
+        return FileReport(problem, mtime, epoch=epoch, step=step, mtime_ns=mtime_ns)
 
     def read_at(self, offset: int, count: int) -> bytes:
         """Read up to ``count`` bytes at ``offset``; fewer only at the end of the file."""
@@ -126,24 +139,28 @@ def _run(path: StrPath, check: Callable[[_OpenFile], str | FileReport | None]) -
         # O_NONBLOCK: a FIFO left in the folder must not block the scan on open.
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
-        return _unreadable(error)
+        return _unreadable(path, error)
     try:
         file = _OpenFile(descriptor, os.fstat(descriptor))
-        mtime = file.status.st_mtime
         if not stat.S_ISREG(file.status.st_mode):
-            return FileReport("not a regular file", mtime)
+            return file.report("not a regular file")
         if file.size == 0:
-            return FileReport("empty file", mtime)
+            return file.report("empty file")
         outcome = check(file)
     except OSError as error:
-        return _unreadable(error)
+        return _unreadable(path, error)
     finally:
         os.close(descriptor)
-    return outcome if isinstance(outcome, FileReport) else FileReport(outcome, mtime)
+    return outcome if isinstance(outcome, FileReport) else file.report(outcome)
 
 
-def _unreadable(error: OSError) -> FileReport:
-    return FileReport(f"unreadable: {error.strerror or error}")
+def _unreadable(path: StrPath, error: OSError) -> FileReport:
+    problem = f"unreadable: {error.strerror or error}"
+    refused = denial(os.fspath(path), error)
+    if refused is None:
+        return FileReport(problem)
+    # Its times still date the folder: a refused file is as recent as it is.
+    return FileReport(problem, refused.mtime, mtime_ns=refused.mtime_ns, unreadable=refused)
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -340,21 +357,20 @@ def _pickle_walk_problem(data: bytes) -> str | None:
 
 
 def _train_state_report(file: _OpenFile) -> FileReport:
-    mtime = file.status.st_mtime
     if file.size > MAX_TRAIN_STATE_BYTES:
-        return FileReport(f"{file.size} bytes is too large for train_state.json", mtime)
+        return file.report(f"{file.size} bytes is too large for train_state.json")
     state = _parse_json(file.read_at(0, file.size))
     if state is _NOT_JSON:
-        return FileReport("not valid JSON", mtime)
+        return file.report("not valid JSON")
     if not isinstance(state, dict):
-        return FileReport("not a JSON object", mtime)
+        return file.report("not a JSON object")
     numbers: dict[str, int | None] = {}
     for key in ("current_epoch", "current_step"):
         value = state.get(key)
         if value is not None and not _is_integer(value):
-            return FileReport(f"{key} is not an integer", mtime)
+            return file.report(f"{key} is not an integer")
         numbers[key] = value
-    return FileReport(None, mtime, epoch=numbers["current_epoch"], step=numbers["current_step"])
+    return file.report(None, epoch=numbers["current_epoch"], step=numbers["current_step"])
 
 
 def _is_integer(value: object) -> bool:

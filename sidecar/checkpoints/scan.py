@@ -8,7 +8,10 @@ rather than last, old folders are deleted while we look, and after a resume the
 step numbers in the names restart at 0.
 So a folder counts only when every file is present, structurally intact and
 has stopped changing, and "newest" means newest completion time, never the
-highest number in the name.
+highest number in the name. A folder sd-scripts reused after a resume is rewritten in
+place, so its files must also be from ONE save: their mtimes in accelerate's write
+order (``accelerate_files.mixed_save_problem``). Files the sidecar may not read are
+recorded with owner and mode (``access``), for the choice to stop on rather than skip.
 
 The scan does one directory listing per folder and reads only file headers
 (see ``file_checks``); it never walks deeper than one level below the folders.
@@ -18,10 +21,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from sidecar.checkpoints.accelerate_files import ACCELERATE_MARKER, STATE_FILE, missing_files
+from sidecar.checkpoints.accelerate_files import (
+    ACCELERATE_MARKER,
+    STATE_FILE,
+    missing_files,
+    mixed_save_problem,
+    write_position,
+)
+from sidecar.checkpoints.access import UnreadableFile, denial
 from sidecar.checkpoints.file_checks import FileReport, inspect_state_file
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.naming import CandidateKind, NamedState, StateNaming
@@ -44,6 +55,20 @@ class Candidate:
     completed_at: float | None  # newest st_mtime among its files (wall clock)
     step: int | None  # current_step from train_state.json when readable
     epoch: int | None  # current_epoch from train_state.json when readable
+    # Its files come from more than one save (one problem starts with MIXED and says why):
+    # an in-place overwrite that did not finish. Never deleted: it is evidence.
+    mixed: bool = False
+    # Files (or the folder itself) the sidecar was not allowed to read, each also named
+    # in ``problems`` with one "unreadable: ..." entry.
+    unreadable: tuple[UnreadableFile, ...] = field(default=())
+
+    @property
+    def unreadable_only(self) -> bool:
+        """Refused access is all that is wrong with it: whole, as far as the sidecar can tell.
+
+        Such a state may be the run's newest progress; the choice must not pass over it.
+        """
+        return bool(self.unreadable) and len(self.problems) == len(self.unreadable)
 
 
 def find_candidates(
@@ -130,7 +155,7 @@ def _examine(
         return None
     except OSError as error:
         # Without a state name, only its contents could have made it a candidate.
-        return None if named is None else _unreadable_folder(folder, named, error)
+        return None if named is None else _unreadable_folder(folder, named, error, naming.refusal)
     if named is None:
         if not any(ACCELERATE_MARKER.fullmatch(name) for name in files):
             return None
@@ -149,17 +174,25 @@ def _examine(
     return candidate
 
 
-def _unreadable_folder(folder: Path, named: NamedState, error: OSError) -> Candidate:
+def _unreadable_folder(
+    folder: Path, named: NamedState, error: OSError, refusal: Callable[[CandidateKind], str | None]
+) -> Candidate:
     kind, number = named
+    refused = denial(str(folder), error, is_folder=True)
+    problems = [f"unreadable: {error.strerror or error}"]
+    never_resumable = refusal(kind)
+    if never_resumable is not None:  # e.g. sd-scripts' final state: unreadable or not
+        problems.insert(0, never_resumable)
     return Candidate(
         path=folder,
         kind=kind,
         number=number,
         complete=False,
-        problems=(f"unreadable: {error.strerror or error}",),
+        problems=tuple(problems),
         completed_at=None,
         step=None,
         epoch=None,
+        unreadable=(refused,) if refused is not None else (),
     )
 
 
@@ -191,25 +224,19 @@ def _assess(
     inspect: Callable[[os.DirEntry[str]], FileReport],
 ) -> Candidate:
     kind, number = named
-    problems = missing_files(files.keys())
-    newest: float | None = None
-    epoch = step = None
-    for name in sorted(files):
-        if STATE_FILE.fullmatch(name):
-            report = inspect(files[name])
-            if report.problem is not None:
-                problems.append(f"{name}: {report.problem}")
-            elif name == "train_state.json":
-                epoch, step = report.epoch, report.step
-            mtime = report.mtime
-        else:
-            mtime = _mtime_of_other_file(files[name])
-        if mtime is not None and (newest is None or mtime > newest):
-            newest = mtime
+    readings = _read_files(files, inspect)
+    problems = missing_files(files.keys()) + readings.problems
+    newest = readings.newest
+    mixed = None
     # settle_seconds 0: the caller knows nothing writes (the trainer is stopped or stalled),
     # so file times — and a wall clock that jumped — do not matter.
     if newest is not None and settle_seconds > 0 and now - newest < settle_seconds:
+        # A save under way is out of order until it ends; only its end can tell.
         problems.append(_still_written(now - newest))
+    else:
+        mixed = mixed_save_problem(readings.ordered)
+        if mixed is not None:
+            problems.append(mixed)
     refused = refusal(kind)
     if refused is not None:
         problems.insert(0, refused)
@@ -224,9 +251,51 @@ def _assess(
         complete=not problems,
         problems=tuple(problems),
         completed_at=newest,
-        step=step,
-        epoch=epoch,
+        step=readings.step,
+        epoch=readings.epoch,
+        mixed=mixed is not None,
+        unreadable=tuple(readings.unreadable),
     )
+
+
+class _Readings(NamedTuple):
+    """What a folder's files said: their problems, times and train state."""
+
+    problems: list[str]
+    newest: float | None  # newest st_mtime of any file
+    ordered: list[tuple[int, int, str]]  # (write position, st_mtime_ns, name) of state files
+    unreadable: list[UnreadableFile]
+    epoch: int | None
+    step: int | None
+
+
+def _read_files(
+    files: dict[str, os.DirEntry[str]], inspect: Callable[[os.DirEntry[str]], FileReport]
+) -> _Readings:
+    problems: list[str] = []
+    ordered: list[tuple[int, int, str]] = []
+    unreadable: list[UnreadableFile] = []
+    newest: float | None = None
+    epoch = step = None
+    for name in sorted(files):
+        # The position lookup is a dict hit for the usual names and spares the regex.
+        position = write_position(name)
+        if position is not None or STATE_FILE.fullmatch(name):
+            report = inspect(files[name])
+            if report.problem is not None:
+                problems.append(f"{name}: {report.problem}")
+                if report.unreadable is not None:
+                    unreadable.append(report.unreadable)
+            elif name == "train_state.json":
+                epoch, step = report.epoch, report.step
+            mtime = report.mtime
+            if position is not None and report.mtime_ns is not None:
+                ordered.append((position, report.mtime_ns, name))
+        else:
+            mtime = _mtime_of_other_file(files[name])
+        if mtime is not None and (newest is None or mtime > newest):
+            newest = mtime
+    return _Readings(problems, newest, ordered, unreadable, epoch, step)
 
 
 def _mtime_of_other_file(entry: os.DirEntry[str]) -> float | None:
