@@ -16,8 +16,13 @@ from pathlib import Path
 
 
 def read_text_exact(path: Path) -> str:
-    """Read a text file without newline translation, so a rewrite can keep every byte."""
-    with open(path, encoding="utf-8", newline="") as handle:
+    """Read a text file without newline translation, so a rewrite can keep every byte.
+
+    A byte that is not UTF-8 (a cp1252 comment from a Windows editor) becomes a lone
+    surrogate instead of an error, and ``replace_atomically`` writes it back as the same
+    byte: files are edited, never re-encoded.
+    """
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         return handle.read()
 
 
@@ -41,6 +46,7 @@ def replace_atomically(path: Path, content: str, *, mode: int | None = None) -> 
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed explicitly below
         "w",
         encoding="utf-8",
+        errors="surrogateescape",
         newline="",
         dir=path.parent,
         prefix=f".{path.name}.",

@@ -8,10 +8,12 @@ leaving every other byte alone: the user's edits, FluxGym's glued
 ``\\--sample_prompts=...`` and the dangling final backslash included.
 
 So nothing here re-renders the script. A small lexer (``script_words``) splits
-the text into words the way bash would (quotes, escapes, continuations, comments,
-command separators) and remembers where each word starts and ends in the original
-text; edits are then splices at those offsets. Expansions (``$VAR``, ``$(...)``)
-are kept as literal word text: we never need their values, only their extent.
+the text into words the way bash would and remembers where each word starts and
+ends in the original text; ``trainer_command`` finds the one command bash runs as
+the trainer, with variables resolved where train.sh itself sets them. Edits are
+splices at word offsets, and every edit is checked by reading the result again.
+An option that only exists inside a variable (``EXTRA=(--resume /old)``) is not
+edited there: the error names the lines, so the user can move it.
 
 Everything here is pure text in, text out; writing the file is
 ``sidecar.atomic_files``' job.
@@ -20,74 +22,37 @@ Everything here is pure text in, text out; writing the file is
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.trainers.sd_scripts.script_words import (
-    BLANKS,
-    TrainScriptError,
-    Word,
-    line_of,
-    split_commands,
+from sidecar.trainers.sd_scripts.script_words import BLANKS, TrainScriptError, line_of
+from sidecar.trainers.sd_scripts.trainer_command import (
+    EXPECTED_COMMAND,
+    Arg,
+    Located,
+    TrainCommand,
+    find_option,
+    locate,
 )
 
 __all__ = [
+    "EXPECTED_COMMAND",
     "TrainCommand",
     "TrainScriptError",
     "ensure_option",
     "parse_train_script",
     "quote_word",
+    "remove_option",
     "remove_resume",
+    "set_option",
     "set_resume",
 ]
-
-EXPECTED_COMMAND = "accelerate launch ... sd-scripts/flux_train_network.py ..."
 
 _FLAG_PATTERN = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
-@dataclass(frozen=True)
-class TrainCommand:
-    """The trainer command of a train.sh, as bash would pass it to ``accelerate``."""
-
-    trainer_script: str
-    launcher_args: tuple[str, ...]
-    trainer_args: tuple[str, ...]
-
-    def option(self, name: str) -> str | None:
-        """Value of ``--name X`` or ``--name=X`` among the trainer's arguments (last one wins).
-
-        ``name`` may be given with or without its leading ``--``. Returns None when
-        the option is absent and "" when it is a bare flag (followed by another
-        ``--flag`` or by nothing).
-        """
-        occurrences = _find_option(self.trainer_args, _flag_name(name))
-        return occurrences[-1].value if occurrences else None
-
-    def has_option(self, name: str) -> bool:
-        """Whether ``--name`` appears among the trainer's arguments, with or without a value."""
-        return bool(_find_option(self.trainer_args, _flag_name(name)))
-
-    @property
-    def resume(self) -> str | None:
-        return self.option("resume")
-
-    @property
-    def output_dir(self) -> str | None:
-        return self.option("output_dir")
-
-    @property
-    def output_name(self) -> str | None:
-        return self.option("output_name")
-
-    @property
-    def save_state(self) -> bool:
-        return self.has_option("save_state")
-
-
 def parse_train_script(text: str) -> TrainCommand:
     """Find the trainer command in ``text`` and return its words as bash would see them."""
-    return _locate(text).command
+    return locate(text).command
 
 
 def set_resume(text: str, path: str) -> str:
@@ -99,33 +64,39 @@ def set_resume(text: str, path: str) -> str:
     back unchanged when it already resumes from ``path``.
     """
     _check_resume_path(path)
-    replacement = f"--resume {quote_word(path, what='checkpoint path')}"
-    located = _locate(text)
-    occurrences = located.resume_occurrences()
-    if not occurrences:
-        rewritten = _insert_trainer_argument(text, located.script_word, replacement)
-    else:
-        rewritten = text
-        # Back to front, so that each splice leaves the earlier offsets valid.
-        for extra in reversed(occurrences[1:]):
-            rewritten = _remove_span(rewritten, extra)
-        first = occurrences[0]
-        if first.value != path:
-            rewritten = rewritten[: first.start] + replacement + rewritten[first.end :]
-        if rewritten == text:
-            return text
-    _verify_resume_edit(located.command, rewritten, expected_resume=path)
-    return rewritten
+    return _set(text, "--resume", path, what="checkpoint path")
 
 
 def remove_resume(text: str) -> str:
     """Return ``text`` without any ``--resume`` (flag and value), to restart from scratch."""
-    located = _locate(text)
+    return remove_option(text, "--resume")
+
+
+def set_option(text: str, flag: str, value: str | None) -> str:
+    """Return ``text`` with exactly one ``flag`` among the trainer's arguments.
+
+    ``flag value`` when ``value`` is given, a bare ``flag`` when it is None. Existing
+    occurrences are replaced where they stand (the first) and removed (the others), as
+    :func:`set_resume` does; otherwise the option goes right after the ``*.py`` word.
+    """
+    _check_flag(flag)
+    if value is not None and value.startswith("--"):
+        raise TrainScriptError(f"value {value!r} for {flag} would be read as an option")
+    return _set(text, flag, value, what=f"value of {flag}")
+
+
+def remove_option(text: str, flag: str) -> str:
+    """Return ``text`` without any ``flag`` among the trainer's arguments, values included.
+
+    A flag followed by another ``--flag`` or by nothing is bare and has no value to take.
+    """
+    _check_flag(flag)
+    located = locate(text)
     rewritten = text
-    for occurrence in reversed(located.resume_occurrences()):
-        rewritten = _remove_span(rewritten, occurrence)
+    for span in reversed(_occurrences(located, flag)):
+        rewritten = _remove_span(rewritten, span)
     if rewritten != text:
-        _verify_resume_edit(located.command, rewritten, expected_resume=None)
+        _verify_edit(located.command, rewritten, flag, expected=[])
     return rewritten
 
 
@@ -135,15 +106,14 @@ def ensure_option(text: str, flag: str, value: str | None = None) -> str:
     An option that is present is left alone even when its value differs: this
     only guarantees presence, e.g. ``ensure_option(text, "--save_state")``.
     """
-    if not _FLAG_PATTERN.fullmatch(flag):
-        raise TrainScriptError(f"option {flag!r} is not of the form --name")
-    located = _locate(text)
+    _check_flag(flag)
+    located = locate(text)
     if located.command.has_option(flag):
         return text
     added = (flag,) if value is None else (flag, value)
     argument = flag if value is None else f"{flag} {quote_word(value)}"
-    rewritten = _insert_trainer_argument(text, located.script_word, argument)
-    if _locate(rewritten).command.trainer_args != added + located.command.trainer_args:
+    rewritten = _insert_trainer_argument(text, located.script.word.end, argument)
+    if locate(rewritten).command.trainer_args != added + located.command.trainer_args:
         raise TrainScriptError(f"internal error: could not add {flag} to train.sh cleanly")
     return rewritten
 
@@ -164,6 +134,11 @@ def quote_word(value: str, *, what: str = "value") -> str:
     return f'"{escaped}"'
 
 
+def _check_flag(flag: str) -> None:
+    if not _FLAG_PATTERN.fullmatch(flag):
+        raise TrainScriptError(f"option {flag!r} is not of the form --name")
+
+
 def _check_resume_path(path: str) -> None:
     if not path:
         raise TrainScriptError("checkpoint path is empty; refusing to write --resume without one")
@@ -174,116 +149,85 @@ def _check_resume_path(path: str) -> None:
         )
 
 
-# ---------------------------------------------------------------------------
-# Options among word texts (shared by TrainCommand and the editors)
-
-
-@dataclass(frozen=True)
-class _OptionAt:
-    first: int  # index of the flag word
-    last: int  # index of the value word, or of the flag word itself
-    value: str
-
-
-def _flag_name(name: str) -> str:
-    return name if name.startswith("--") else f"--{name}"
-
-
-def _find_option(words: Sequence[str], flag: str) -> list[_OptionAt]:
-    """Every occurrence of ``flag`` as ``flag X``, ``flag=X`` or a bare ``flag``, in order."""
-    found = []
-    for index, word in enumerate(words):
-        if word.startswith(flag + "="):
-            found.append(_OptionAt(index, index, word[len(flag) + 1 :]))
-        elif word == flag:
-            following = words[index + 1] if index + 1 < len(words) else None
-            if following is None or following.startswith("--"):
-                found.append(_OptionAt(index, index, ""))
-            else:
-                found.append(_OptionAt(index, index + 1, following))
-    return found
+def _set(text: str, flag: str, value: str | None, *, what: str) -> str:
+    replacement = flag if value is None else f"{flag} {quote_word(value, what=what)}"
+    located = locate(text)
+    occurrences = _occurrences(located, flag)
+    if not occurrences:
+        rewritten = _insert_trainer_argument(text, located.script.word.end, replacement)
+    else:
+        rewritten = text
+        # Back to front, so that each splice leaves the earlier offsets valid.
+        for extra in reversed(occurrences[1:]):
+            rewritten = _remove_span(rewritten, extra)
+        first = occurrences[0]
+        if not first.matches(value):
+            rewritten = rewritten[: first.start] + replacement + rewritten[first.end :]
+        if rewritten == text:
+            return text
+    _verify_edit(located.command, rewritten, flag, expected=["" if value is None else value])
+    return rewritten
 
 
 # ---------------------------------------------------------------------------
-# Locating the trainer command
+# Where an option is in the text
 
 
 @dataclass(frozen=True)
-class _ResumeAt:
+class _Span:
     start: int  # offset of the flag word
     end: int  # offset past the value word (or the flag word when it has no value)
     value: str
+    bare: bool
     previous_end: int  # offset past the word before the flag (the *.py word at least)
 
+    def matches(self, value: str | None) -> bool:
+        return self.bare if value is None else (not self.bare and self.value == value)
 
-@dataclass(frozen=True)
-class _Located:
-    words: tuple[Word, ...]
-    script_index: int
 
-    @property
-    def script_word(self) -> Word:
-        return self.words[self.script_index]
+def _occurrences(located: Located, flag: str) -> list[_Span]:
+    """Each ``flag`` among the trainer's arguments as a span of text that can be cut.
 
-    @property
-    def trainer_words(self) -> tuple[Word, ...]:
-        return self.words[self.script_index + 1 :]
-
-    @property
-    def command(self) -> TrainCommand:
-        return TrainCommand(
-            trainer_script=self.script_word.text,
-            launcher_args=tuple(word.text for word in self.words[: self.script_index]),
-            trainer_args=tuple(word.text for word in self.trainer_words),
-        )
-
-    def resume_occurrences(self) -> list[_ResumeAt]:
-        # Index 0 is the *.py word, so trainer argument k is words[k + 1].
-        words = self.words[self.script_index :]
-        return [
-            _ResumeAt(
-                start=words[found.first + 1].start,
-                end=words[found.last + 1].end,
+    An occurrence that comes out of an expansion (``"${EXTRA[@]}"``, ``$ARGS``) has no
+    text of its own in the command: it is refused, naming the lines to change.
+    """
+    args = (located.script, *located.args)
+    spans = []
+    for found in find_option([arg.text for arg in located.args], flag):
+        first, last = args[found.first + 1], args[found.last + 1]
+        for arg in (first, last):
+            if not arg.single or (not arg.word.literal and arg.word is not last.word):
+                raise _inside_expansion(located, arg, flag)
+        spans.append(
+            _Span(
+                start=first.word.start,
+                end=last.word.end,
                 value=found.value,
-                previous_end=words[found.first].end,
+                bare=found.first == found.last and found.value == "" and first.text == flag,
+                previous_end=args[found.first].word.end,
             )
-            for found in _find_option([word.text for word in words[1:]], "--resume")
-        ]
+        )
+    return spans
 
 
-def _locate(text: str) -> _Located:
-    candidates: list[_Located] = []
-    for words in split_commands(text):
-        script_index = next(
-            (index for index, word in enumerate(words) if word.text.endswith(".py")), None
-        )
-        if script_index is not None:
-            candidates.append(_Located(tuple(words), script_index))
-    if not candidates:
-        hint = " (the file has Windows line endings; bash needs \\n)" if "\r\n" in text else ""
-        raise TrainScriptError(
-            f"no trainer command found in train.sh: expected a command like "
-            f"`{EXPECTED_COMMAND}` with a *.py script{hint}"
-        )
-    if len(candidates) > 1:
-        where = ", ".join(
-            f"line {line_of(text, found.script_word.start)} ({found.script_word.text})"
-            for found in candidates
-        )
-        raise TrainScriptError(
-            f"ambiguous train.sh: more than one command runs a *.py script: {where}; "
-            f"expected exactly one `{EXPECTED_COMMAND}`"
-        )
-    return candidates[0]
+def _inside_expansion(located: Located, arg: Arg, flag: str) -> TrainScriptError:
+    source = located.text[arg.word.start : arg.word.end]
+    names = sorted({seg.name for seg in arg.word.segments if seg.name})
+    where = ", ".join(f"{name}{located.variables.where(name)}" for name in names)
+    return TrainScriptError(
+        f"line {line_of(located.text, arg.word.start)}: {flag} comes from `{source}` "
+        f"({where or 'an expansion'}), where the sidecar cannot edit it; move {flag} and its "
+        "value out of the variable onto the trainer command in train.sh"
+    )
 
 
 # ---------------------------------------------------------------------------
 # Splicing
 
 
-def _insert_trainer_argument(text: str, script_word: Word, argument: str) -> str:
+def _insert_trainer_argument(text: str, script_end: int, argument: str) -> str:
     """Insert ``argument`` as the first trainer argument, right after the ``*.py`` word."""
-    probe = script_word.end
+    probe = script_end
     while probe < len(text) and text[probe] in BLANKS:
         probe += 1
     if text.startswith("\\\n", probe):
@@ -294,10 +238,10 @@ def _insert_trainer_argument(text: str, script_word: Word, argument: str) -> str
             indent_end += 1
         indent = text[line_start:indent_end]
         return f"{text[:line_start]}{indent}{argument} \\\n{text[line_start:]}"
-    return f"{text[: script_word.end]} {argument}{text[script_word.end :]}"
+    return f"{text[:script_end]} {argument}{text[script_end:]}"
 
 
-def _remove_span(text: str, option: _ResumeAt) -> str:
+def _remove_span(text: str, option: _Span) -> str:
     """Cut one option with the blanks that separated it from its neighbours.
 
     When the option was alone on a continuation line, the whole line goes, so a
@@ -328,28 +272,25 @@ def _remove_span(text: str, option: _ResumeAt) -> str:
     return text
 
 
-def _verify_resume_edit(
-    before: TrainCommand, rewritten: str, *, expected_resume: str | None
-) -> None:
+def _verify_edit(before: TrainCommand, rewritten: str, flag: str, *, expected: list[str]) -> None:
     # A wrong train.sh costs a whole training run, so every edit is checked by
-    # parsing the result again: only --resume may have changed.
-    after = _locate(rewritten).command
-    resumes = [found.value for found in _find_option(after.trainer_args, "--resume")]
-    expected = [] if expected_resume is None else [expected_resume]
+    # parsing the result again: only ``flag`` may have changed.
+    after = locate(rewritten).command
+    values = [found.value for found in find_option(after.trainer_args, flag)]
     unchanged = (
         after.launcher_args == before.launcher_args
         and after.trainer_script == before.trainer_script
-        and _without_resume(after.trainer_args) == _without_resume(before.trainer_args)
+        and _without(after.trainer_args, flag) == _without(before.trainer_args, flag)
     )
-    if resumes != expected or not unchanged:
+    if values != expected or not unchanged:
         raise TrainScriptError(
-            "internal error: editing train.sh would change more than its --resume; "
+            f"internal error: editing train.sh would change more than its {flag}; "
             "refusing to write it"
         )
 
 
-def _without_resume(arguments: tuple[str, ...]) -> tuple[str, ...]:
+def _without(arguments: tuple[str, ...], flag: str) -> tuple[str, ...]:
     dropped: set[int] = set()
-    for found in _find_option(arguments, "--resume"):
+    for found in find_option(arguments, flag):
         dropped.update(range(found.first, found.last + 1))
     return tuple(word for index, word in enumerate(arguments) if index not in dropped)

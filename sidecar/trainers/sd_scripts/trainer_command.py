@@ -1,0 +1,392 @@
+"""Finding the command in train.sh that bash will run as the trainer, and only that one.
+
+A command counts only when bash will run it as FluxGym's trainer: a launcher first
+(``accelerate``, ``python``, ``python3`` or a path to one, possibly after ``exec``, ``env``
+or ``FOO=1`` assignments), then a ``*.py`` script. Every word is read as bash reads it,
+variables included (``script_values``); a word whose value cannot be known is refused
+when the sidecar depends on it or when it could hide an option. Shapes that look like a
+trainer command but are not one to bash (CRLF line endings, a BOM, a command cut short by
+a comment or a blank after ``\\``) are named with their fix instead of being edited.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from sidecar.trainers.sd_scripts.script_values import Variables, expand_word, is_assignment
+from sidecar.trainers.sd_scripts.script_words import (
+    Command,
+    Script,
+    TrainScriptError,
+    Word,
+    line_of,
+    split_commands,
+)
+
+__all__ = ["EXPECTED_COMMAND", "Arg", "Located", "TrainCommand", "find_option", "locate"]
+
+EXPECTED_COMMAND = "accelerate launch ... sd-scripts/flux_train_network.py ..."
+CRLF_FIX = "sed -i 's/\\r$//' train.sh"
+BOM_FIX = "sed -i '1s/^\\xEF\\xBB\\xBF//' train.sh"
+NUL_FIX = "tr -d '\\000' < train.sh > train.fixed && mv train.fixed train.sh"
+CP1252_FIX = "iconv -f cp1252 -t utf-8 train.sh > train.fixed && mv train.fixed train.sh"
+_LAUNCHER = re.compile(r"(?:.*/)?(?:accelerate|python|python3(?:\.[0-9]+)?)")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+# Words whose value the sidecar acts on: a guess here resumes from the wrong state.
+_DEPENDED_ON = ("--resume", "--output_name")
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """The trainer command of a train.sh, as bash would pass it to ``accelerate``."""
+
+    trainer_script: str
+    launcher_args: tuple[str, ...]
+    trainer_args: tuple[str, ...]
+    # (flag, why) for options whose value holds an expansion train.sh does not resolve.
+    unknown_values: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str) -> str | None:
+        """Value of ``--name X`` or ``--name=X`` among the trainer's arguments (last one wins).
+
+        ``name`` may be given with or without its leading ``--``. Returns None when
+        the option is absent and "" when it is a bare flag (followed by another
+        ``--flag`` or by nothing).
+        """
+        occurrences = find_option(self.trainer_args, flag_name(name))
+        return occurrences[-1].value if occurrences else None
+
+    def has_option(self, name: str) -> bool:
+        """Whether ``--name`` appears among the trainer's arguments, with or without a value."""
+        return bool(find_option(self.trainer_args, flag_name(name)))
+
+    def unresolved(self, name: str) -> str | None:
+        """Why the value of ``--name`` cannot be known from train.sh alone; None when it can."""
+        flag = flag_name(name)
+        return next((why for known, why in self.unknown_values if known == flag), None)
+
+    @property
+    def resume(self) -> str | None:
+        return self.option("resume")
+
+    @property
+    def output_dir(self) -> str | None:
+        return self.option("output_dir")
+
+    @property
+    def output_name(self) -> str | None:
+        return self.option("output_name")
+
+    @property
+    def save_state(self) -> bool:
+        return self.has_option("save_state")
+
+
+@dataclass(frozen=True)
+class OptionAt:
+    first: int  # index of the flag word
+    last: int  # index of the value word, or of the flag word itself
+    value: str
+
+
+def flag_name(name: str) -> str:
+    return name if name.startswith("--") else f"--{name}"
+
+
+def find_option(words: Sequence[str], flag: str) -> list[OptionAt]:
+    """Every occurrence of ``flag`` as ``flag X``, ``flag=X`` or a bare ``flag``, in order."""
+    found = []
+    for index, word in enumerate(words):
+        if word.startswith(flag + "="):
+            found.append(OptionAt(index, index, word[len(flag) + 1 :]))
+        elif word == flag:
+            following = words[index + 1] if index + 1 < len(words) else None
+            if following is None or following.startswith("--"):
+                found.append(OptionAt(index, index, ""))
+            else:
+                found.append(OptionAt(index, index + 1, following))
+    return found
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument bash passes: ``word`` made it, alone (``single``) or with others."""
+
+    text: str
+    word: Word
+    single: bool
+    known: bool = True  # False: ``text`` is the source of an expansion train.sh does not set
+
+
+@dataclass(frozen=True)
+class Located:
+    text: str
+    source: Command
+    head: tuple[Arg, ...]  # the launcher and its own flags
+    script: Arg
+    args: tuple[Arg, ...]  # the trainer's arguments
+    variables: Variables
+
+    @property
+    def command(self) -> TrainCommand:
+        texts = tuple(arg.text for arg in self.args)
+        unknown = tuple(
+            (flag, self.why_unknown(found.last))
+            for flag in ("--output_dir",)
+            for found in find_option(texts, flag)
+            if not self.args[found.last].known
+        )
+        return TrainCommand(
+            trainer_script=self.script.text,
+            launcher_args=tuple(arg.text for arg in self.head),
+            trainer_args=texts,
+            unknown_values=unknown,
+        )
+
+    def why_unknown(self, index: int) -> str:
+        arg = self.args[index]
+        return (
+            f"line {line_of(self.text, arg.word.start)}: "
+            f"`{self.text[arg.word.start : arg.word.end]}` "
+            f"({expand_word(arg.word, self.variables).reason})"
+        )
+
+
+# What one command is: the trainer command, a launcher command that cannot be read, a flag
+# or script line cut off from its command ("orphan"), or something else (None).
+_Found = Located | TrainScriptError | Literal["orphan"] | None
+
+
+def locate(text: str) -> Located:
+    """The one command bash runs as the trainer; TrainScriptError naming the line otherwise."""
+    _refuse_binary(text)
+    script = split_commands(text)
+    variables = Variables(text)
+    found: list[tuple[int, Located | TrainScriptError]] = []
+    orphans: list[int] = []
+    for index, command in enumerate(script.commands):
+        result = _classify(text, command, variables)
+        if isinstance(result, (Located, TrainScriptError)):
+            found.append((index, result))
+        elif result == "orphan":
+            orphans.append(index)
+        variables.feed(command)
+    if len(found) == 1 and isinstance(found[0][1], Located):
+        located = found[0][1]
+        _check_located(located, script, orphans, found[0][0])
+        return located
+    if len(found) > 1:
+        raise _ambiguous(text, script, found)
+    if "\r" in text:
+        raise _crlf_error(text)
+    if found:
+        assert isinstance(found[0][1], TrainScriptError)
+        raise found[0][1]
+    if orphans:
+        raise _orphan_error(text, script, orphans[0])
+    raise TrainScriptError(
+        f"no trainer command found in train.sh: expected a command like "
+        f"`{EXPECTED_COMMAND}` with a *.py script"
+    )
+
+
+def _refuse_binary(text: str) -> None:
+    first_line = text[:80].split("\n", 1)[0]
+    if "\0" in first_line:
+        raise TrainScriptError(
+            "line 1 holds a NUL byte, so bash refuses train.sh (cannot execute binary file); "
+            f"remove it: {NUL_FIX}"
+        )
+
+
+def _classify(text: str, command: Command, variables: Variables) -> _Found:
+    """A Located trainer command, a TrainScriptError for one that cannot be read,
+    "orphan" for a flag or script line cut off from its command, or None."""
+    words = command.words
+    at = 0
+    while at < len(words) and is_assignment(words[at], text):
+        at += 1
+    if at < len(words) and words[at].text == "exec" and words[at].literal:
+        at += 1
+    if at < len(words) and words[at].text == "env" and words[at].literal:
+        at += 1
+        while at < len(words) and "=" in words[at].text and not words[at].text.startswith("-"):
+            at += 1
+    if at == len(words):
+        return None  # assignments only: `SCRIPT=sd-scripts/flux_train_network.py`
+    launcher = words[at].text
+    line = line_of(text, words[at].start)
+    if launcher.startswith("\ufeff") and _LAUNCHER.fullmatch(launcher[1:]):
+        return TrainScriptError(
+            f"line {line}: train.sh starts with a byte order mark (BOM, from a Windows "
+            f"editor), which bash reads as part of `{launcher[1:]}`, so the trainer never "
+            f"starts; remove it: {BOM_FIX}"
+        )
+    if launcher.startswith("-") and at and words[at - 1].text in ("exec", "env"):
+        return TrainScriptError(
+            f"line {line}: `{words[at - 1].text} {launcher}`: options of {words[at - 1].text} "
+            "are not understood here; start the command with `FOO=1 accelerate launch ...`"
+        )
+    if not _LAUNCHER.fullmatch(launcher):
+        return "orphan" if launcher.startswith("-") or launcher.endswith(".py") else None
+    return _read_launch(text, command, at, variables)
+
+
+def _read_launch(
+    text: str, command: Command, at: int, variables: Variables
+) -> Located | TrainScriptError | None:
+    head: list[Arg] = []
+    doubt: TrainScriptError | None = None
+    words = command.words
+    for position in range(at, len(words)):
+        word = words[position]
+        expanded = expand_word(word, variables)
+        if expanded.fields is None:
+            if doubt is None and _could_hide(word, head[-1].text if head else None):
+                doubt = _unknown_word(text, word, expanded.reason, "could be the trainer script")
+            head.append(Arg(word.text, word, single=True, known=False))
+            continue
+        fields = expanded.fields
+        script_at = next((i for i, field in enumerate(fields) if field.endswith(".py")), None)
+        if script_at is None or position == at:
+            head.extend(Arg(field, word, single=len(fields) == 1) for field in fields)
+            continue
+        if len(fields) != 1:
+            return TrainScriptError(
+                f"line {line_of(text, word.start)}: `{text[word.start : word.end]}` gives the "
+                "trainer script together with other words; name the *.py script on its own"
+            )
+        script = Arg(fields[0], word, single=True)
+        args = _read_trainer_args(text, words[position + 1 :], variables)
+        if isinstance(args, TrainScriptError):
+            return args
+        return Located(text, command, tuple(head), script, args, variables)
+    return doubt
+
+
+def _read_trainer_args(
+    text: str, words: Sequence[Word], variables: Variables
+) -> tuple[Arg, ...] | TrainScriptError:
+    args: list[Arg] = []
+    for word in words:
+        expanded = expand_word(word, variables)
+        if expanded.fields is not None:
+            fields = expanded.fields
+            args.extend(Arg(field, word, single=len(fields) == 1) for field in fields)
+            continue
+        if _could_hide(word, args[-1].text if args else None):
+            return _unknown_word(text, word, expanded.reason, "could hide a --resume")
+        args.append(Arg(word.text, word, single=True, known=False))
+    return tuple(args)
+
+
+def _could_hide(word: Word, previous: str | None) -> bool:
+    """Whether an unknown ``word`` could turn into options (``--resume`` among them)."""
+    computed = [seg for seg in word.segments if seg.kind not in ("text", "tilde")]
+    if any(seg.kind == "all" or not seg.quoted for seg in computed):
+        return True  # split into words, or one word per array element
+    prefix = ""
+    for seg in word.segments:
+        if seg.kind != "text":
+            break
+        prefix += seg.text
+    if prefix and not prefix.startswith("-"):
+        return False  # `"b=$(echo 2)"`: whatever the expansion gives, no option starts so
+    # A quoted value right after `--flag` is that flag's value to argparse.
+    return not (previous is not None and previous.startswith("--") and "=" not in previous)
+
+
+def _unknown_word(text: str, word: Word, reason: str, risk: str) -> TrainScriptError:
+    return TrainScriptError(
+        f"line {line_of(text, word.start)}: `{text[word.start : word.end]}` {risk} and its "
+        f"value cannot be known from train.sh ({reason}); write its words out literally, "
+        "or set it earlier with a plain assignment (NAME=value or NAME=(a b)) at top level"
+    )
+
+
+def _check_located(located: Located, script: Script, orphans: list[int], index: int) -> None:
+    text = located.text
+    words = located.source.words
+    span_start, span_end = words[0].start, words[-1].end
+    span = text[span_start:span_end]
+    if "\r" in span:
+        raise _crlf_error(text)
+    nul = span.find("\0")
+    if nul >= 0:
+        raise TrainScriptError(
+            f"line {line_of(text, span_start + nul)}: the trainer command holds a NUL byte, "
+            f"which bash drops; remove it: {NUL_FIX}"
+        )
+    undecodable = _UNDECODABLE.search(span)
+    if undecodable:
+        # surrogateescape keeps byte 0xNN as U+DCNN (see atomic_files.read_text_exact).
+        byte = ord(undecodable.group()) - 0xDC00
+        raise TrainScriptError(
+            f"line {line_of(text, span_start + undecodable.start())}: the trainer command holds "
+            f"bytes that are not UTF-8 (can't decode byte 0x{byte:02x}; a Windows editor's "
+            f"cp1252?); save train.sh as UTF-8: {CP1252_FIX}"
+        )
+    if index + 1 in orphans:
+        raise _orphan_error(text, script, index + 1)
+    texts = [arg.text for arg in located.args]
+    for flag in _DEPENDED_ON:
+        for found in find_option(texts, flag):
+            if not located.args[found.last].known:
+                raise TrainScriptError(
+                    f"{located.why_unknown(found.last)}: the sidecar needs the value of {flag}; "
+                    "write it literally or set it earlier with a plain assignment (NAME=value)"
+                )
+
+
+def _crlf_error(text: str) -> TrainScriptError:
+    line = line_of(text, text.index("\r"))
+    return TrainScriptError(
+        f"train.sh has Windows line endings (CRLF, first on line {line}): bash reads each \\r "
+        "as part of the line's last word, so a final `\\` no longer continues the command and "
+        f"the trainer would not get its flags; convert the file: {CRLF_FIX}"
+    )
+
+
+def _orphan_error(text: str, script: Script, index: int) -> TrainScriptError:
+    first = script.commands[index].words[0]
+    line = line_of(text, first.start)
+    previous = text.split("\n")[line - 2] if line > 1 else ""
+    commented = any(line_of(text, at) == line - 1 for at in script.comments)
+    if line == 1:
+        reason = "no command comes before it"
+    elif re.search(r"\\[ \t]+$", previous):
+        reason = (
+            f"line {line - 1} has blanks after its final `\\`, which then escapes a blank "
+            "instead of continuing the line; delete the blanks after the `\\`"
+        )
+    elif commented:
+        reason = (
+            f"line {line - 1} is or ends in a comment, and a comment ends the command even "
+            "among `\\` continuations; delete it or move it above the command"
+        )
+    else:
+        reason = f"line {line - 1} does not end with ` \\`; add it"
+    return TrainScriptError(
+        f"line {line}: `{first.text}` starts a command of its own, so bash does not pass it "
+        f"to the trainer command: {reason}"
+    )
+
+
+def _ambiguous(
+    text: str, script: Script, found: list[tuple[int, Located | TrainScriptError]]
+) -> TrainScriptError:
+    where = []
+    for index, result in found:
+        if isinstance(result, Located):
+            word = result.script.word
+            where.append(f"line {line_of(text, word.start)} ({result.script.text})")
+        else:
+            first = script.commands[index].words[0]
+            where.append(f"line {line_of(text, first.start)} (a launcher command not understood)")
+    return TrainScriptError(
+        f"ambiguous train.sh: more than one command runs a *.py script: {', '.join(where)}; "
+        f"expected exactly one `{EXPECTED_COMMAND}`"
+    )

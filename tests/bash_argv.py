@@ -1,0 +1,27 @@
+"""What bash really passes to a trainer: the ground truth for the train.sh reader's tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+
+def argv_bash_passes(script: str, folder: Path) -> list[str]:
+    """Run ``script`` with bash and return what a stub ``accelerate`` on PATH received."""
+    bin_folder = folder / "bin"
+    bin_folder.mkdir(exist_ok=True)
+    stub = bin_folder / "accelerate"
+    stub.write_text("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+    stub.chmod(0o755)
+    path = folder / "train.sh"
+    path.write_text(script, encoding="utf-8", newline="")
+    result = subprocess.run(
+        ["bash", str(path)],
+        cwd=folder,
+        env={**os.environ, "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    return result.stdout.decode("utf-8").split("\0")[:-1]
