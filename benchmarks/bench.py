@@ -36,6 +36,7 @@ import psutil
 from sidecar.checkpoints.file_checks import check_safetensors
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.scan import find_candidates
+from sidecar.simulator.faults import Fault, format_faults
 from sidecar.simulator.file_formats import safetensors_bytes, torch_archive_bytes
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.simulator.harness import FAST_SETTINGS, event_time, run_sidecar
@@ -392,6 +393,40 @@ def write_sized_safetensors(path: Path, size: int) -> None:
         handle.truncate(8 + len(encoded) + elements * 4)
 
 
+# -- bounded lost work ------------------------------------------------------------------------
+
+# The bound, time-scaled like the rest: FluxGym's 4-epoch cadence of 0.05 s steps (16 steps,
+# 0.8 s) is over it, and a hang late in a cadence would lose more.
+LOST_WORK_BOUND = 0.5
+
+
+def lost_work_rows(scratch: Path) -> list[Row]:
+    """Training lost per incident, before the step time is known (FluxGym's own cadence)
+    and after the sidecar made the cadence denser, against SIDECAR_MAX_LOST_WORK."""
+    tree = build_fluxgym_tree(scratch / "lost-work")
+    faults = format_faults([Fault("hang_idle", step=46, run=1), Fault("hang_idle", step=13, run=2)])
+    run = run_sidecar(
+        tree,
+        settings={"SIDECAR_MAX_LOST_WORK": f"{LOST_WORK_BOUND}s", "SIDECAR_MAX_RESTARTS": "4"},
+        simulation={"SIM_FAULTS": faults},
+        timeout=120,
+    )
+    (added,) = run.named("save_cadence_added")
+    step = float(added["step_seconds"])
+    first, second = (event["initial_step"] for event in run.named("checkpoint_selected"))
+    hangs = [event["last_step"] for event in run.named("stall_detected")]
+    before = (hangs[0] - first) * step  # the first attempt counts absolute steps
+    after = (first + hangs[1] - second) * step  # the second starts at `first` (a whole epoch)
+    return [
+        Row(
+            "work lost per incident (bound 0.5 s)",
+            f"{after:.2f} s with the added cadence, {before:.2f} s before",
+            f"<= {LOST_WORK_BOUND} s once step time known",
+            after / LOST_WORK_BOUND,
+        )
+    ]
+
+
 # -- the table -------------------------------------------------------------------------------
 
 
@@ -413,6 +448,7 @@ def main() -> int:
         rows += detection_rows(scratch, repeat)
         if not arguments.quick:  # two runs of a minute each; unit tests cover it in CI
             rows += adaptive_rows(scratch)
+        rows += lost_work_rows(scratch)
         rows += footprint_rows(scratch, window)
     print(
         f"training-sidecar benchmarks ({'quick' if arguments.quick else 'full'}; "

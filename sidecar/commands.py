@@ -188,9 +188,12 @@ def resume(settings: Settings, arguments: argparse.Namespace) -> int:
         _print_candidates(_candidates(settings, paths), None)
         return EXIT_PROBLEM
     if arguments.dry_run:
-        print("\n".join(pointer.planned_rewrite(str(chosen.path))) or "train.sh unchanged")
+        print("\n".join(pointer.planned_rewrite(chosen, ledger)) or "train.sh unchanged")
         return 0
-    changed = pointer.point_at(str(chosen.path), reason="training-sidecar resume")
+    position = pointer.position_of(chosen, ledger)
+    changed = pointer.point_at(
+        str(chosen.path), reason="training-sidecar resume", initial_step=position.initial_step
+    )
     trainer_path = paths.path_map.to_trainer(str(chosen.path))
     print(f"{'rewrote' if changed else 'unchanged'} {paths.train_script}: --resume {trainer_path}")
     return 0

@@ -181,6 +181,14 @@ class Settings(BaseSettings):
         10.0, description="Delay before the first relaunch; doubles for each consecutive recovery."
     )
     restart_backoff_max: Duration = Field(300.0, description="Upper bound of the relaunch delay.")
+    # FluxGym saves state every 4 epochs: on a slow card an incident can cost hours. 30 min
+    # of lost training is what a person watching would accept; each save costs a few
+    # seconds of GPU time and one state folder of disk (bounded by the sidecar too).
+    max_lost_work: Duration = Field(
+        1800.0,
+        description="Most training an incident may lose: the state cadence is made denser "
+        "for the next launch once the step time is known (0 turns this off).",
+    )
     # accelerate writes a state folder's files one after another; a folder only counts once
     # nothing in it has changed for this long.
     checkpoint_settle: Duration = Field(

@@ -8,22 +8,21 @@ watching again when a trainer appears. The clocks are read once per poll.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sidecar import events
 from sidecar.decide import decision
-from sidecar.decide.decision import Phase, Policy, RunState, Verdict, VerdictKind
-from sidecar.decide.recovery_rules import RecoveryRules, rearm_after_stall, restart_overdue
+from sidecar.decide.decision import Phase, RunState, Verdict, VerdictKind
+from sidecar.decide.recovery_rules import rearm_after_stall, restart_overdue
+from sidecar.loop_options import Clocks, LoopOptions
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.process_tree import usage_figures
 from sidecar.observe.trainer_visibility import TrainerVisibility
 from sidecar.recover.first_launch import Launch, launch_first
 from sidecar.recover.recovery import Outcome, OutcomeKind, Recovery
-from sidecar.recover.resume_point import ResumeOptions
 from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
 from sidecar.run.ledger import Ledger
 from sidecar.run.locator import RunLocator
@@ -31,27 +30,15 @@ from sidecar.run.lock import RunLock
 from sidecar.run.paths import RunPaths, RunSetupError
 from sidecar.watched_run import WatchedRun
 
+_VERDICT_EVENTS = {
+    VerdictKind.STALL: events.STALL_DETECTED,
+    VerdictKind.CRASH: events.TRAINER_CRASHED,
+    VerdictKind.RESUME_FAILED: events.RESUME_FAILED,
+}
+
 EXIT_COMPLETED = 0
 EXIT_ERROR = 1
 EXIT_GAVE_UP = 3
-
-
-@dataclass(frozen=True)
-class Clocks:
-    monotonic: Callable[[], float] = time.monotonic
-    wall: Callable[[], float] = time.time
-
-
-@dataclass(frozen=True)
-class LoopOptions:
-    """What the loop takes from the settings (``wiring.loop_options_of`` builds it)."""
-
-    poll_interval: float
-    checkpoint_settle: float  # a state folder younger than this may still be written
-    keep_resume_current: bool  # point train.sh at each new complete checkpoint while healthy
-    resume: ResumeOptions
-    policy: Policy  # how verdicts are reached
-    rules: RecoveryRules  # budget, backoff and the runtime's restart window
 
 
 class Watchdog:
@@ -99,7 +86,6 @@ class Watchdog:
         self._attempt_key: str | None = None
         self._pending_recovery: Verdict | None = None  # a recovery to retry (e.g. disk full)
         self._restart_due_by: float | None = None  # left to the runtime: back by then
-        self._last_pointer_check = 0.0
         self.ready = False  # the first poll is done
         self.last_poll_seconds: float | None = None
 
@@ -160,7 +146,7 @@ class Watchdog:
             # The trainer cannot be seen this poll (daemon down, container gone): no verdict
             # on a run we cannot observe, and nothing spent on a recovery that cannot work.
             return None
-        if self._replaced_underneath(status):
+        if _replaced_underneath(status, self._attempt_key):
             # Restarted by someone else between two polls (a restart policy after a crash):
             # a new attempt, resuming from wherever train.sh pointed.
             self._begin_attempt(source="restarted outside the sidecar", key=status.attempt)
@@ -168,8 +154,14 @@ class Watchdog:
         verdict = self._poll_once(status, now, wall)
         if verdict is not None:
             return self._handle(verdict, wall)
-        if self.stays_up and self.options.keep_resume_current:
-            self._keep_resume_current(now, wall)
+        if (
+            self.stays_up
+            and self.options.keep_resume_current
+            and self.attempt.phase is Phase.RUNNING
+        ):
+            # While healthy, point train.sh at each new complete checkpoint, so that a
+            # restart by anyone (the orchestrator after a crash, a person) resumes from it.
+            self._run.keep_resume_current(now, wall, settle=self.options.checkpoint_settle)
         return None
 
     def _poll_once(self, status: TrainerStatus, now: float, wall: float) -> Verdict | None:
@@ -193,6 +185,20 @@ class Watchdog:
                 step=self.attempt.last_step,
                 total_steps=self.attempt.total_steps,
                 seconds_since_start=round(seen.now - self.attempt.launched_at, 3),
+            )
+            problem = self._run.first_step(
+                step=self.attempt.last_step or 0, now=seen.now, judge_resume=self.restarter.acts
+            )
+            if verdict is None and problem is not None:
+                # It steps, but not from where it was pointed: a failed resume, not progress.
+                self.attempt = dataclasses.replace(self.attempt, phase=Phase.STALLED)
+                return Verdict(VerdictKind.RESUME_FAILED, problem)
+        elif verdict is None and self.restarter.acts:
+            self._run.stepped(
+                step=self.attempt.last_step or 0,
+                now=seen.now,
+                max_lost_work=self.options.max_lost_work,
+                log=self.log,
             )
         return verdict
 
@@ -218,14 +224,6 @@ class Watchdog:
 
     # -- the trainer -------------------------------------------------------------------------
 
-    def _replaced_underneath(self, status: TrainerStatus) -> bool:
-        return (
-            status.running
-            and self._attempt_key is not None
-            and status.attempt is not None
-            and status.attempt != self._attempt_key
-        )
-
     def _maybe_begin(self, status: TrainerStatus | None, now: float) -> None:
         if status is None or not status.running:
             if restart_overdue(self._restart_due_by, now):
@@ -245,8 +243,7 @@ class Watchdog:
             return
         run = self._run
         if run is not None and (run.record.ledger.completed or run.record.ledger.gave_up):
-            self.log.info(events.NEW_RUN_DETECTED, train_script=str(run.paths.train_script))
-            run.record.replace(Ledger())
+            run.start_over(self.log, wall=self.clocks.wall())
         self._begin_attempt(source="external", key=status.attempt)
 
     # -- runs and attempts -------------------------------------------------------------------
@@ -288,7 +285,7 @@ class Watchdog:
 
     def _begin_attempt(self, *, source: str, key: str | None = None) -> None:
         assert self._run is not None
-        self._run.observer.start_attempt()
+        self._run.begin_attempt(wall=self.clocks.wall(), by_sidecar=source == "sidecar")
         # The run's cadence outlives one attempt: a restart does not change how it steps.
         learned = self.attempt.cadence if self.attempt else self._cadence
         self.attempt = decision.started(self.clocks.monotonic(), learned)
@@ -321,6 +318,7 @@ class Watchdog:
         run = self._run
         assert run is not None
         self.run_lock = RunLock(run.paths.state_dir)
+        run.observer.mark_launch()
         launch = launch_first(
             run,
             restarter=self.restarter,
@@ -340,18 +338,6 @@ class Watchdog:
         self._log_started("sidecar", workdir=str(run.paths.trainer_workdir))
         return None
 
-    def _keep_resume_current(self, now: float, wall: float) -> None:
-        """While healthy, point train.sh at each new complete checkpoint, so that a restart
-        by anyone (the orchestrator after a crash, a person) resumes from it."""
-        assert self._run is not None and self.attempt is not None
-        if self.attempt.phase is not Phase.RUNNING:
-            return
-        settle = self.options.checkpoint_settle
-        if now - self._last_pointer_check < max(settle, 1.0):
-            return
-        self._last_pointer_check = now
-        self._run.pointer.keep_current(self._run.record.ledger, now=wall, settle=settle)
-
     # -- verdicts ----------------------------------------------------------------------------
 
     def _handle(self, verdict: Verdict, wall: float) -> int | None:
@@ -359,12 +345,14 @@ class Watchdog:
         figures = {**verdict.figures, **usage_figures(self.restarter.trainer_pids())}
         if verdict.kind is VerdictKind.COMPLETED:
             self._run.record.ledger.completed = True
+            self._run.record.ledger.completed_at = wall
             self._run.record.save()
             self.log.info(events.TRAINING_COMPLETED, reason=verdict.reason, **figures)
+            if verdict.figures.get("trainer_still_running") and self.restarter.acts:
+                # A finished trainer that does not exit still holds the GPU.
+                self._stop_trainer("training completed; it did not exit")
             return self._run_over(EXIT_COMPLETED)
-        event = (
-            events.STALL_DETECTED if verdict.kind is VerdictKind.STALL else events.TRAINER_CRASHED
-        )
+        event = _VERDICT_EVENTS[verdict.kind]
         self.log.warning(event, reason=verdict.reason, **figures)
         if not self.restarter.acts:
             return None  # detect-only: report, then wait for progress to resume
@@ -378,6 +366,7 @@ class Watchdog:
     def _recover(self, verdict: Verdict, wall: float) -> int | None:
         assert self._run is not None
         retrying = self._pending_recovery is not None  # the trainer was stopped last time
+        self._run.observer.mark_launch()  # the relaunch's output begins after this
         outcome = self.recovery.recover(
             verdict, self._run.record, self._run.pointer, wall=wall, retrying=retrying
         )
@@ -386,6 +375,8 @@ class Watchdog:
 
     def _after_recovery(self, outcome: Outcome, verdict: Verdict) -> int | None:
         if outcome.kind is OutcomeKind.GAVE_UP:
+            if self._run is not None:
+                self._run.observer.forget_launch()  # no launch follows this mark
             return self._run_over(EXIT_GAVE_UP)
         if outcome.kind is OutcomeKind.LEFT_TO_RUNTIME:
             # The runtime's restart policy brings it back; _maybe_begin sees it return.
@@ -423,11 +414,14 @@ class Watchdog:
             return  # only a trainer we launched ourselves is ours to stop
         status = self.visibility.status()
         if status is not None and status.running:
-            self.log.info(events.STOPPING_TRAINER, reason="sidecar shutting down")
-            try:
-                self.restarter.stop()
-            except RestartError as error:
-                self.log.error(events.RESTART_FAILED, reason=str(error))
+            self._stop_trainer("sidecar shutting down")
+
+    def _stop_trainer(self, reason: str) -> None:
+        self.log.info(events.STOPPING_TRAINER, reason=reason)
+        try:
+            self.restarter.stop()
+        except RestartError as error:
+            self.log.error(events.RESTART_FAILED, reason=str(error))
 
     # -- the view from other threads ---------------------------------------------------------
 
@@ -449,3 +443,13 @@ class Watchdog:
             "ready": self.ready,
             "last_poll_seconds": self.last_poll_seconds,
         }
+
+
+def _replaced_underneath(status: TrainerStatus, watched: str | None) -> bool:
+    """Another attempt runs than the one watched (a restart policy restarted it)."""
+    return (
+        status.running
+        and watched is not None
+        and status.attempt is not None
+        and status.attempt != watched
+    )

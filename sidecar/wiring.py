@@ -14,10 +14,10 @@ from sidecar.config import Settings
 from sidecar.decide.cadence import AdaptiveTimeout
 from sidecar.decide.decision import Policy
 from sidecar.decide.recovery_rules import RecoveryRules
+from sidecar.loop_options import LoopOptions
 from sidecar.recover.resume_point import ResumeOptions
 from sidecar.restarters.base import Restarter
 from sidecar.run.paths import RunPaths
-from sidecar.watchdog import LoopOptions
 
 
 def build_restarter(
@@ -150,4 +150,5 @@ def loop_options_of(settings: Settings) -> LoopOptions:
         resume=resume_options_of(settings),
         policy=policy_of(settings),
         rules=recovery_rules_of(settings),
+        max_lost_work=settings.max_lost_work,
     )

@@ -28,6 +28,7 @@ class Phase(StrEnum):
 class VerdictKind(StrEnum):
     STALL = "stall"
     CRASH = "crash"
+    RESUME_FAILED = "resume_failed"  # it stepped, but not from the state it was pointed at
     COMPLETED = "completed"
 
 
@@ -105,6 +106,16 @@ def advance(state: RunState, seen: Observation, policy: Policy) -> tuple[RunStat
     if seen.exited or seen.exit_code is not None:
         return _exited(state, seen)
     verdict = _stall_verdict(state, seen.now, policy)
+    if verdict and seen.final_model_present:
+        # The final model is written and the trainer only fails to exit (slow teardown, a
+        # dataloader worker that never ends): resuming would train a finished run again.
+        completed = dataclasses.replace(state, phase=Phase.COMPLETED)
+        return completed, Verdict(
+            VerdictKind.COMPLETED,
+            "the final model is written and the trainer has been silent for "
+            f"{verdict.figures.get('seconds_since_progress', 0):.0f} s without exiting",
+            {**verdict.figures, "trainer_still_running": True},
+        )
     if verdict:
         return dataclasses.replace(state, phase=Phase.STALLED), verdict
     return state, None

@@ -27,6 +27,7 @@ class LogDelta:
     progress: StepProgress | None  # latest step counter seen in the new output, if any
     size: int
     mtime: float | None = None  # wall-clock time of the last write, when it grew
+    text: str = ""  # the newly read output (after what was carried over), decoded leniently
 
 
 class LogFollower:
@@ -49,12 +50,24 @@ class LogFollower:
 
     def start_at_end(self) -> None:
         """Ignore what is already in the log (output of earlier runs)."""
+        self.start_at(self.end())
+
+    def end(self) -> int:
+        """Where the log ends now (0 when there is none yet)."""
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def start_at(self, offset: int) -> None:
+        """Read from ``offset`` on: what was written since a launch began, all of it."""
         try:
             status = os.stat(self.path)
         except FileNotFoundError:
+            self._inode, self._offset, self._carry = None, 0, ""
             return
         self._inode = (status.st_dev, status.st_ino)
-        self._offset = status.st_size
+        self._offset = min(offset, status.st_size)
         self._carry = ""
 
     def poll(self) -> LogDelta:
@@ -81,6 +94,7 @@ class LogFollower:
             progress=bar_to_step(self._step_bar(text)),
             size=status.st_size,
             mtime=status.st_mtime,
+            text=text,
         )
 
     def _read(self, start: int, length: int) -> bytes:

@@ -16,22 +16,55 @@ from sidecar.observe.output_activity import OutputWatcher
 from sidecar.observe.process_tree import TreeWrites
 from sidecar.restarters.base import TrainerStatus
 from sidecar.run.paths import RunPaths
+from sidecar.trainers.base import StartupReport
 
 
 class RunObserver:
-    def __init__(self, paths: RunPaths, gpu: GpuMonitor | None) -> None:
+    def __init__(
+        self,
+        paths: RunPaths,
+        gpu: GpuMonitor | None,
+        *,
+        run_started_at: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        """``run_started_at`` says when this run began: an earlier run's final model does
+        not mean this one completed."""
         self.paths = paths
         self.gpu = gpu
+        self._run_started_at = run_started_at
         self.follower = LogFollower(paths.train_log, step_bar=paths.trainer.step_bar)
         self.outputs = OutputWatcher(paths.output_dir, ignore=[paths.state_dir, paths.train_log])
         self._writes = TreeWrites()
         self._previous_poll: float | None = None
+        # What the trainer said before its first step (schedule, resume); read only until then.
+        self.startup = StartupReport()
+        self.saw_output = False  # this attempt's output could be read from its launch on
+        self._stepping = False
+        self._launch_mark: int | None = None  # where the log ended when a launch began
+        self._from_launch = False
 
-    def start_attempt(self) -> None:
-        """A new attempt: only what it writes from now on is its progress."""
-        self.follower.start_at_end()
+    def mark_launch(self) -> None:
+        """The sidecar is about to launch the trainer: its output begins here."""
+        self._launch_mark = self.follower.end()
+
+    def forget_launch(self) -> None:
+        """The launch that was marked did not happen."""
+        self._launch_mark = None
+
+    def start_attempt(self) -> bool:
+        """A new attempt: only what it writes is its progress. True when its output is
+        read from its launch on (the sidecar marked it), so its start-up lines are seen;
+        an attempt someone else started is read from now on."""
+        marked, self._launch_mark = self._launch_mark, None
+        self._from_launch = marked is not None
+        if marked is None:
+            self.follower.start_at_end()
+        else:
+            self.follower.start_at(marked)
         self.outputs.poll()
         self._writes = TreeWrites()
+        self.startup, self.saw_output, self._stepping = StartupReport(), False, False
+        return marked is not None
 
     def observe(
         self,
@@ -47,8 +80,12 @@ class RunObserver:
         ``trainer_pids`` is called only when the log cannot tell (it may scan processes)."""
         previous_poll, self._previous_poll = self._previous_poll, now
         delta = self.follower.poll()
+        if delta.text and not self._stepping:
+            self.saw_output = self._from_launch
+            self.startup = self.startup.merged(self.paths.trainer.read_startup(delta.text))
+            self._stepping = delta.progress is not None
         outputs_changed = self.outputs.poll()
-        final_model = self.paths.final_model_present()
+        final_model = self.paths.final_model_present(since=self._run_started_at())
         utilization, power = self._gpu_reading()
         exited = status is not None and not status.running
         if not sees_exit and final_model and not delta.grew:

@@ -33,7 +33,9 @@ def launch_first(
     wall: float,
     log: Any,
 ) -> Launch:
-    if run.paths.final_model_present():
+    ledger = run.record.ledger
+    if ledger.completed or run.paths.final_model_present(since=ledger.run_started_at):
+        # This run's own final model (an earlier run's does not count: see the run boundary).
         log.info(events.TRAINING_COMPLETED, reason="final model already present", launched=False)
         return Launch.ALREADY_COMPLETE
     try:
@@ -61,8 +63,10 @@ def _point_for_first_launch(
     run: WatchedRun, recovery: Recovery, *, settle: float, wall: float
 ) -> None:
     candidates = run.pointer.candidates(now=wall, settle=settle)
-    if any(candidate.complete for candidate in candidates) or run.record.ledger.current_checkpoint:
-        # An earlier attempt left checkpoints: resume rather than redo its work.
+    left = any(candidate.complete or candidate.unreadable for candidate in candidates)
+    if left or run.record.ledger.current_checkpoint:
+        # An earlier attempt left checkpoints: resume rather than redo its work (one that
+        # cannot be read stops here with CheckpointUnreadable, never restarts from zero).
         choice = run.pointer.choose_and_point(
             run.record.ledger, now=wall, settle=settle, after_failure=False
         )

@@ -8,6 +8,9 @@ through the run's path map before it is written; the run's trainer knows the dia
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,14 +18,15 @@ from sidecar import events
 from sidecar.checkpoints.choice import (
     ResumeChoice,
     choose_resume_point,
-    newest_resumable,
     run_candidates,
 )
 from sidecar.checkpoints.file_memo import FileReportMemo
-from sidecar.checkpoints.scan import Candidate
+from sidecar.checkpoints.scan import Candidate, choose_checkpoint
+from sidecar.decide.run_boundary import written_by_this_run
 from sidecar.run.ledger import Ledger
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.trainers import LaunchScriptError
+from sidecar.trainers.base import ResumePosition
 
 SAVE_STATE_REASON = "added --save_state: without it sd-scripts writes nothing resumable"
 
@@ -36,16 +40,34 @@ class ResumeOptions:
 class ResumePointer:
     """Chooses checkpoints of one run and writes the choice into its launch script."""
 
-    def __init__(self, paths: RunPaths, options: ResumeOptions, log: Any) -> None:
+    def __init__(
+        self,
+        paths: RunPaths,
+        options: ResumeOptions,
+        log: Any,
+        *,
+        run_started_at: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        """``run_started_at`` says when this run began: states written before then are an
+        earlier run's and are never chosen."""
         self.paths = paths
         self.options = options
         self.log = log
+        self._run_started_at = run_started_at
+        self.last_write_ns: int | None = None  # train.sh's st_mtime_ns after our last rewrite
         # This run's folders are scanned again at every recovery and every pointer check.
         self.memo = FileReportMemo()
 
-    def candidates(self, *, now: float, settle: float) -> list[Candidate]:
-        """The run's state folders; ``now`` is the wall clock (compared with file times)."""
-        return run_candidates(self.paths, now=now, settle=settle, memo=self.memo)
+    def candidates(
+        self, *, now: float, settle: float, whole_folder: bool = False
+    ) -> list[Candidate]:
+        """The run's state folders; ``now`` is the wall clock (compared with file times).
+        An earlier run's states are listed as not resumable, unless ``whole_folder``."""
+        found = run_candidates(self.paths, now=now, settle=settle, memo=self.memo)
+        started_at = self._run_started_at()
+        if whole_folder or started_at is None:
+            return found
+        return earlier_run_excluded(found, started_at)
 
     def choose_and_point(
         self, ledger: Ledger, *, now: float, settle: float, after_failure: bool = True
@@ -65,15 +87,18 @@ class ResumePointer:
             after_failure=after_failure,
         )
         checkpoint = choice.checkpoint
+        position = self.position_of(checkpoint, choice.ledger)
         self.log.info(
             events.CHECKPOINT_SELECTED,
             checkpoint=choice.path,
             reason=choice.reason,
             completed_at=checkpoint.completed_at if checkpoint else None,
             step=checkpoint.step if checkpoint else None,
+            initial_step=position.initial_step,
+            position=position.reason,
             rejected=_rejections(candidates, checkpoint),
         )
-        self.point_at(choice.path, reason=choice.reason)
+        self.point_at(choice.path, reason=choice.reason, initial_step=position.initial_step)
         for path in choice.quarantined_now:
             self.log.warning(
                 events.CHECKPOINT_QUARANTINED,
@@ -85,18 +110,27 @@ class ResumePointer:
 
     def newest(self, ledger: Ledger, *, now: float, settle: float) -> Candidate | None:
         """The newest complete checkpoint that is not quarantined."""
-        return newest_resumable(
-            self.paths, ledger.quarantined, now=now, settle=settle, memo=self.memo
-        )
+        candidates = self.candidates(now=now, settle=settle)
+        return choose_checkpoint(candidates, exclude=ledger.quarantined)
 
-    def point_at(self, checkpoint: str | None, *, reason: str) -> bool:
+    def position_of(self, checkpoint: Candidate | None, ledger: Ledger) -> ResumePosition:
+        """Where the next attempt must start, resuming from ``checkpoint``."""
+        if checkpoint is None:
+            return ResumePosition(0, "from the beginning")
+        return self.paths.trainer.resume_position(checkpoint, ledger)
+
+    def point_at(
+        self, checkpoint: str | None, *, reason: str, initial_step: int | None = None
+    ) -> bool:
         """Make the next launch resume from ``checkpoint`` (sidecar view; None: from the
-        beginning), adding --save_state where the settings ask for it; True if it changed."""
+        beginning) at ``initial_step`` of the whole schedule (None: the trainer's own rule),
+        adding --save_state where the settings ask for it; True if it changed."""
         trainer_path = self.paths.path_map.to_trainer(checkpoint) if checkpoint else None
         changed, old, new = self.paths.trainer.rewrite_launch_script(
             self.paths.train_script,
             resume_from=trainer_path,
             ensure_save_state=self.options.ensure_save_state,
+            initial_step=initial_step,
         )
         self._log_rewrite(changed, old, new, resume=trainer_path, reason=reason)
         return changed
@@ -113,14 +147,15 @@ class ResumePointer:
             return
         self._log_rewrite(changed, old, new, resume=None, reason=SAVE_STATE_REASON)
 
-    def planned_rewrite(self, checkpoint: str) -> list[str]:
+    def planned_rewrite(self, checkpoint: Candidate, ledger: Ledger) -> list[str]:
         """The diff that pointing train.sh at ``checkpoint`` would make; nothing is written.
         Raises RunSetupError when the script cannot be read."""
         old, _ = read_train_script(self.paths.train_script, self.paths.trainer)
         new = self.paths.trainer.rewritten_launch_script(
             old,
-            resume_from=self.paths.path_map.to_trainer(checkpoint),
+            resume_from=self.paths.path_map.to_trainer(str(checkpoint.path)),
             ensure_save_state=self.options.ensure_save_state,
+            initial_step=self.position_of(checkpoint, ledger).initial_step,
         )
         return self.paths.trainer.launch_script_diff(old, new, self.paths.train_script, context=1)
 
@@ -133,7 +168,12 @@ class ResumePointer:
         try:
             _, command = read_train_script(self.paths.train_script, self.paths.trainer)
             if command.resume != self.paths.path_map.to_trainer(str(newest.path)):
-                self.point_at(str(newest.path), reason="newer complete checkpoint")
+                position = self.position_of(newest, ledger)
+                self.point_at(
+                    str(newest.path),
+                    reason="newer complete checkpoint",
+                    initial_step=position.initial_step,
+                )
         except (RunSetupError, LaunchScriptError, OSError) as error:
             self.log.warning(events.RESUME_POINTER_NOT_UPDATED, reason=str(error))
 
@@ -150,6 +190,8 @@ class ResumePointer:
     ) -> None:
         if changed:
             script = self.paths.train_script
+            with contextlib.suppress(OSError):
+                self.last_write_ns = script.stat().st_mtime_ns
             self.log.info(
                 events.TRAIN_SCRIPT_REWRITTEN,
                 path=str(script),
@@ -157,6 +199,22 @@ class ResumePointer:
                 reason=reason,
                 diff=self.paths.trainer.launch_script_diff(old, new, script),
             )
+
+
+def earlier_run_excluded(candidates: list[Candidate], started_at: float) -> list[Candidate]:
+    """``candidates`` with the states of an earlier run marked as such (never chosen)."""
+    marked = [
+        candidate
+        if written_by_this_run(candidate.completed_at, started_at)
+        else dataclasses.replace(
+            candidate,
+            complete=False,
+            problems=(*candidate.problems, "written by an earlier run of this name"),
+        )
+        for candidate in candidates
+    ]
+    # Complete ones first, as the scan orders them; the order among each kind is kept.
+    return sorted(marked, key=lambda candidate: not candidate.complete)
 
 
 def _rejections(candidates: list[Candidate], chosen: Candidate | None) -> list[dict[str, Any]]:

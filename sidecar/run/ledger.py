@@ -2,7 +2,9 @@
 
 It records every recovery (why, from which checkpoint), how often resuming from
 a checkpoint failed, and which checkpoints are quarantined, so that restarting
-the sidecar never resets the restart budget. Written atomically after each change.
+the sidecar never resets the restart budget. It also records every attempt (when it
+started and from which step of the whole schedule), which only the sidecar can know: the
+trainer's own step counter restarts at every resume. Written atomically after each change.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 
 from sidecar.atomic_files import replace_atomically
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 ledgers (no attempts, no run identity) are read and upgraded on the next write.
+_READABLE_VERSIONS = (1, 2)
 # Resuming from the same checkpoint failed this often, with no newer checkpoint
 # appearing in between: the checkpoint itself is the likely culprit.
 QUARANTINE_AFTER_FAILURES = 2
@@ -34,6 +38,16 @@ class Recovery:
 
 
 @dataclass
+class Attempt:
+    """One launch of the trainer within this run."""
+
+    launched_at: float  # wall clock; states completed from then on are this attempt's
+    initial_step: int  # the trainer's initial step, as it computes it (0: from the start)
+    resumed_from: str | None = None  # the state it was told to load (sidecar view)
+    by_sidecar: bool = True  # False: started by someone else (FluxGym's UI, a restart policy)
+
+
+@dataclass
 class Ledger:
     recoveries: list[Recovery] = field(default_factory=list)
     resume_failures: dict[str, int] = field(default_factory=dict)
@@ -45,6 +59,16 @@ class Ledger:
     consecutive_failures: int = 0  # recoveries with no new checkpoint in between (backoff)
     completed: bool = False
     gave_up: bool = False
+    attempts: list[Attempt] = field(default_factory=list)
+    steps_per_epoch: int | None = None  # learned from the trainer's start-up output
+    gradient_accumulation: int | None = None
+    total_steps: int | None = None
+    # The run boundary: this run's launch script (without the sidecar's own edits) and when
+    # it began; states and final models written before then belong to an earlier run.
+    run_digest: str | None = None
+    run_started_at: float | None = None
+    script_mtime_ns: int | None = None  # train.sh as the sidecar last wrote or saw it
+    completed_at: float | None = None
 
     @property
     def restarts(self) -> int:
@@ -54,6 +78,19 @@ class Ledger:
         self.recoveries.append(
             Recovery(at=_utc_now(), reason=reason, kind=kind, checkpoint=checkpoint)
         )
+
+    def record_attempt(self, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+
+    def attempt_that_wrote(self, completed_at: float | None) -> Attempt | None:
+        """The attempt running when a state completed: the last one launched before it."""
+        if completed_at is None:
+            return None
+        writer = None
+        for attempt in self.attempts:
+            if attempt.launched_at <= completed_at:
+                writer = attempt
+        return writer
 
     def record_failed_resume(self, checkpoint: str) -> bool:
         """Count a failed attempt from ``checkpoint``; True when it is now quarantined."""
@@ -70,10 +107,11 @@ class Ledger:
     @classmethod
     def from_json(cls, text: str) -> Ledger:
         data: dict[str, Any] = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
+        if not isinstance(data, dict) or data.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"expected a version {SCHEMA_VERSION} ledger")
         data.pop("version")
         data["recoveries"] = [Recovery(**item) for item in data.get("recoveries", [])]
+        data["attempts"] = [Attempt(**item) for item in data.get("attempts", [])]
         return cls(**data)
 
 

@@ -37,10 +37,22 @@ class RunPaths:
     path_map: PathMap
     trainer: Trainer = SD_SCRIPTS  # whose launch script, state folders and progress lines
 
-    def final_model_present(self) -> bool:
-        return any(
-            (self.output_dir / f"{self.output_name}{suffix}").is_file() for suffix in MODEL_SUFFIXES
-        )
+    def final_model_present(self, since: float | None = None) -> bool:
+        """Whether the final model is there, written at ``since`` or later (None: ever)."""
+        written = self.final_model_mtime()
+        return written is not None and (since is None or written >= since)
+
+    def final_model_mtime(self) -> float | None:
+        """When the newest final model file was written; None when there is none."""
+        times = []
+        for suffix in MODEL_SUFFIXES:
+            try:
+                status = (self.output_dir / f"{self.output_name}{suffix}").stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(status.st_mode):
+                times.append(status.st_mtime)
+        return max(times, default=None)
 
 
 def read_train_script(path: Path, trainer: Trainer = SD_SCRIPTS) -> tuple[str, LaunchCommand]:
@@ -139,6 +151,14 @@ def default_workdir(script: Path) -> Path:
 def _output_dir_from_script(
     command: LaunchCommand, path_map: PathMap, script: Path, workdir: Path
 ) -> Path:
+    # `--output_dir "$OUT"` with OUT from the environment: the script's folder would be a
+    # guess, and a wrong guess resumes from an older state.
+    why = command.unresolved("output_dir")
+    if why:
+        raise RunSetupError(
+            f"train script {script}: the output folder cannot be known, {why}; write the "
+            "path in train.sh (or assign the variable earlier in it) or set SIDECAR_OUTPUT_DIR"
+        )
     if command.output_dir:
         mapped = Path(path_map.to_sidecar(command.output_dir))
         if not mapped.is_absolute():  # relative to the trainer's working directory

@@ -7,6 +7,7 @@ recovery: the next save writes the whole ledger again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sidecar import events
@@ -20,6 +21,8 @@ class RunRecord:
         self.store = LedgerStore(paths.state_dir)
         self.ledger = self.store.load()  # LedgerError when it exists but cannot be read
         self.log = log
+        # When the sidecar last wrote the launch script (st_mtime_ns), kept with every save.
+        self.script_written: Callable[[], int | None] = lambda: None
 
     def replace(self, ledger: Ledger) -> None:
         """Keep ``ledger`` as this run's and save it."""
@@ -27,6 +30,9 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
+        written = self.script_written()
+        if written is not None:
+            self.ledger.script_mtime_ns = written
         try:
             self.store.save(self.ledger)
         except OSError as error:

@@ -6,13 +6,70 @@ same for every trainer; this is what differs, gathered in one object per trainer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sidecar.checkpoints.naming import StateNaming
 from sidecar.observe.progress import TqdmBar
 
-__all__ = ["LaunchCommand", "LaunchScriptError", "Trainer"]
+if TYPE_CHECKING:
+    from sidecar.checkpoints.scan import Candidate
+    from sidecar.run.ledger import Ledger
+
+_T = TypeVar("_T")
+
+__all__ = [
+    "ExpectedResume",
+    "LaunchCommand",
+    "LaunchScriptError",
+    "ResumePosition",
+    "StartupReport",
+    "Trainer",
+]
+
+
+@dataclass(frozen=True)
+class StartupReport:
+    """What a trainer said while starting an attempt (None / False: not said, or not seen)."""
+
+    steps_per_epoch: int | None = None
+    gradient_accumulation: int | None = None
+    total_steps: int | None = None
+    resumed_from: str | None = None  # the state it said it loaded (the trainer's view)
+    train_state_loaded: bool = False  # it read the state's position file
+    skipped_steps: int | None = None  # it said it skips this many steps to get there
+
+    def merged(self, newer: StartupReport) -> StartupReport:
+        """This report updated with what a later piece of output said."""
+        return StartupReport(
+            steps_per_epoch=_newer(newer.steps_per_epoch, self.steps_per_epoch),
+            gradient_accumulation=_newer(newer.gradient_accumulation, self.gradient_accumulation),
+            total_steps=_newer(newer.total_steps, self.total_steps),
+            resumed_from=_newer(newer.resumed_from, self.resumed_from),
+            train_state_loaded=newer.train_state_loaded or self.train_state_loaded,
+            skipped_steps=_newer(newer.skipped_steps, self.skipped_steps),
+        )
+
+
+@dataclass(frozen=True)
+class ExpectedResume:
+    """What a launch script asks the trainer to resume from."""
+
+    state: str  # the state folder it names (the trainer's view)
+    initial_step: int | None  # the exact step it asks for; None: the trainer's own rule
+
+
+@dataclass(frozen=True)
+class ResumePosition:
+    """Where the next attempt must start in the whole schedule."""
+
+    initial_step: int | None  # None: the trainer's own rule (the exact step is not known)
+    reason: str
+
+
+def _newer(value: _T | None, old: _T | None) -> _T | None:
+    return value if value is not None else old
 
 
 class LaunchScriptError(ValueError):
@@ -35,6 +92,15 @@ class LaunchCommand(Protocol):
 
     @property
     def output_name(self) -> str | None: ...
+
+    def option(self, name: str) -> str | None:
+        """The value of option ``name`` among the trainer's arguments (the last one wins)."""
+        ...
+
+    def unresolved(self, name: str) -> str | None:
+        """Why the value of option ``name`` cannot be known from the script alone (it
+        comes from a variable the script does not set); None when it can."""
+        ...
 
     @property
     def save_state(self) -> bool:
@@ -67,20 +133,69 @@ class Trainer(Protocol):
         ...
 
     def rewritten_launch_script(
-        self, text: str, *, resume_from: str | None, ensure_save_state: bool
+        self,
+        text: str,
+        *,
+        resume_from: str | None,
+        ensure_save_state: bool,
+        initial_step: int | None = None,
     ) -> str:
         """The launch script's text as ``rewrite_launch_script`` would write it (dry runs)."""
         ...
 
     def rewrite_launch_script(
-        self, script: Path, *, resume_from: str | None, ensure_save_state: bool
+        self,
+        script: Path,
+        *,
+        resume_from: str | None,
+        ensure_save_state: bool,
+        initial_step: int | None = None,
     ) -> tuple[bool, str, str]:
         """Point the script at ``resume_from`` (the trainer's view of the path; None: no
-        resume), atomically. Returns (changed, old text, new text)."""
+        resume) starting at ``initial_step`` of the whole schedule (None: the trainer's own
+        rule), atomically. Returns (changed, old text, new text)."""
         ...
 
     def add_save_state(self, script: Path) -> tuple[bool, str, str]:
         """Make the script save resumable state, leaving its resume argument as it is."""
+        ...
+
+    def read_startup(self, text: str) -> StartupReport:
+        """What a piece of its console output says about the schedule and the resume."""
+        ...
+
+    def resume_position(self, state: Candidate, ledger: Ledger) -> ResumePosition:
+        """The absolute step of ``state`` (written by one of the ledger's attempts), which
+        the next launch must start from to go on exactly where the state was saved."""
+        ...
+
+    def state_cadence(self, command: LaunchCommand, steps_per_epoch: int | None) -> int | None:
+        """Steps between two resumable saves; None when it saves none (or it is unknown)."""
+        ...
+
+    def add_save_cadence(
+        self, script: Path, *, every_n_steps: int, keep_last_steps: int
+    ) -> tuple[bool, str, str]:
+        """Save resumable state at least every ``every_n_steps`` steps, keeping the step
+        states of the last ``keep_last_steps`` steps; a user's own denser cadence or own
+        bound stays."""
+        ...
+
+    def run_identity(self, text: str) -> str:
+        """The launch script's identity without the sidecar's own edits (resume, position,
+        state saving): equal for every relaunch of one run, different for other settings."""
+        ...
+
+    def expected_resume(self, command: LaunchCommand) -> ExpectedResume | None:
+        """What this command asks the trainer to resume from; None: not resuming."""
+        ...
+
+    def launch_initial_step(
+        self, command: LaunchCommand, *, state_step: int | None, steps_per_epoch: int | None
+    ) -> int | None:
+        """The initial step the trainer will compute for this command, resuming from a
+        state whose own step is ``state_step`` (None: not resuming, or not readable);
+        None when it needs ``steps_per_epoch`` and that is not known yet."""
         ...
 
     def launch_script_diff(

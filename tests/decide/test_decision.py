@@ -225,3 +225,18 @@ def test_stall_deadline_in_startup_is_the_end_of_the_grace():
     from sidecar.decide.decision import stall_deadline
 
     assert stall_deadline(started(0.0), POLICY) == 120
+
+
+def test_a_silent_trainer_with_its_final_model_written_has_completed() -> None:
+    """It saved the final model and hangs on its way out: completed, never a stall to
+    resume (that would train a finished run again)."""
+    policy = Policy(stall_timeout=10, gpu_idle_timeout=600, gpu_idle_percent=5, startup_grace=5)
+    state = started(0.0)
+    state, _ = advance(state, Observation(now=1.0, step=1, log_grew=True), policy)
+    state, verdict = advance(state, Observation(now=20.0, final_model_present=True), policy)
+    assert verdict is not None and verdict.kind is VerdictKind.COMPLETED
+    assert verdict.figures["trainer_still_running"] and state.phase is Phase.COMPLETED
+    quiet = started(0.0)
+    quiet, _ = advance(quiet, Observation(now=1.0, step=1, log_grew=True), policy)
+    _, stall = advance(quiet, Observation(now=20.0), policy)
+    assert stall is not None and stall.kind is VerdictKind.STALL

@@ -78,14 +78,19 @@ from state_factory import write_state_folder
 
 from sidecar.checkpoints.scan import find_candidates
 from sidecar.config import load_settings
+from sidecar.loop_options import Clocks
 from sidecar.observe.log_follower import LogFollower
 from sidecar.run.ledger import LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import event_time, sidecar_environment
 from sidecar.trainers.sd_scripts.progress_lines import parse_step
-from sidecar.trainers.sd_scripts.train_script import parse_train_script, remove_resume
-from sidecar.watchdog import Clocks, Watchdog
+from sidecar.trainers.sd_scripts.train_script import (
+    parse_train_script,
+    remove_option,
+    remove_resume,
+)
+from sidecar.watchdog import Watchdog
 from sidecar.wiring import build_restarter, loop_options_of
 
 FREQUENT_SAVES = "--save_every_n_steps 6"  # states at steps 6, 12, 18, ...
@@ -452,7 +457,7 @@ def test_user_edit_made_while_the_trainer_hangs_survives_the_rewrite(
     fluxgym: FluxgymTree,
 ) -> None:
     """A flag the user adds while the trainer hangs is still there after the recovery's rewrite,
-    which only adds --resume; train.sh.orig keeps what FluxGym wrote."""
+    which only adds --resume and its exact position; train.sh.orig keeps what FluxGym wrote."""
     tree = build_fluxgym_tree(fluxgym.root.parent / "t", extra_trainer_args=FREQUENT_SAVES)
     original = tree.train_script.read_text()
     sidecar = LiveSidecar(
@@ -477,10 +482,14 @@ def test_user_edit_made_while_the_trainer_hangs_survives_the_rewrite(
     stalled_at = event_time(sidecar.named("stall_detected")[0])
     assert edited_at < stalled_at
     final = tree.train_script.read_text()
-    assert remove_resume(final) == edited, "the rewrite changed more than --resume"
+    bare = remove_option(
+        remove_option(remove_resume(final), "--initial_step"), "--skip_until_initial_step"
+    )
+    assert bare == edited, "the rewrite changed more than --resume and its position"
     command = parse_train_script(final)
     assert command.option("user_flag") == "kept by the user"
     assert command.resume == str(tree.output_dir / STEP_18)
+    assert command.option("initial_step") == "18"
     assert (tree.output_dir / "train.sh.orig").read_text() == original
 
 
@@ -1282,3 +1291,37 @@ def test_a_stream_read_in_arbitrary_pieces_reports_only_bars_that_were_shown(
     assert set(readings) <= set(shown)
     if shown:
         assert readings[-1] == shown[-1]
+
+
+@pytest.mark.slow
+def test_a_newest_state_that_cannot_be_read_stops_the_recovery(
+    fluxgym: FluxgymTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newest state's optimizer.bin is refused (as another UID's 0600 file is; root reads
+    everything, so the refusal is injected at os.open): the sidecar stops with the file, its
+    owner and mode and what to change, and neither resumes from an older state nor from the
+    beginning."""
+    tree = build_fluxgym_tree(fluxgym.root.parent / "t", extra_trainer_args=FREQUENT_SAVES)
+    real_open = os.open
+
+    def refuse_the_newest(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        name = os.fspath(path)
+        reading = not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if reading and "step00000018-state" in name and name.endswith("optimizer.bin"):
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_the_newest)
+    code, log = run_watchdog_in_process(
+        tree,
+        monkeypatch,
+        wall=JumpingWallClock(),
+        on_poll=lambda watchdog: None,
+        simulation={"SIM_FAULTS": HANG_AT_STEP_20},
+    )
+    assert code == 3
+    (gave_up,) = log.named("gave_up")
+    assert "step00000018-state" in gave_up["reason"] and "cannot be read" in gave_up["reason"]
+    assert "mode 0" in gave_up["reason"] and "uid" in gave_up["reason"]
+    assert log.named("trainer_restarted") == []
+    assert "--resume" not in tree.train_script.read_text()

@@ -1,10 +1,12 @@
 """The sidecar SIGKILLed at random moments, over and over, while it recovers a crashing run.
 
-The trainer crashes in every run (``crash@step=8``) after saving states at steps 3 and 6, so
-the sidecar spends its life recovering. A seeded schedule kills it with SIGKILL, most often a
-few milliseconds after it saw a crash (inside the recovery: stopping, choosing, rewriting
-train.sh, writing the ledger, relaunching), otherwise at a random moment, and starts a new
-one after a random pause. After every kill:
+The trainer crashes in every run (``crash@step=8`` of its own step counter) after saving
+states every 3 steps, so the sidecar spends its life recovering. Each exact resume keeps the
+run's progress, so the run is made long enough (100,000 epochs) never to finish here. A
+seeded schedule kills it with SIGKILL, most often a few milliseconds after it saw a crash
+(inside the recovery: stopping, choosing, rewriting train.sh, writing the ledger,
+relaunching), otherwise at a random moment, and starts a new one after a random pause.
+After every kill:
 
 - train.sh parses and holds at most one ``--resume``; train.sh.orig is FluxGym's original;
 - state.json loads, and its restart count never went down;
@@ -136,7 +138,9 @@ def check_nothing_lost(tree: FluxgymTree, original: str, restarts_before: int) -
 def test_sigkill_at_random_moments_of_recovery_loses_nothing(tmp_path: Path) -> None:
     """Repeated SIGKILLs of the sidecar during recoveries never leave train.sh, its original or
     the ledger broken, never let two trainers run at once, and leave no orphan trainer."""
-    tree = build_fluxgym_tree(tmp_path / "fluxgym", extra_trainer_args="--save_every_n_steps 3")
+    tree = build_fluxgym_tree(
+        tmp_path / "fluxgym", extra_trainer_args="--save_every_n_steps 3 --max_train_epochs 100000"
+    )
     original = tree.train_script.read_text()
     rng = random.Random(SEED)
     print(f"SIDECAR_KILL_SEED={SEED}")
@@ -190,5 +194,7 @@ def test_sigkill_at_random_moments_of_recovery_loses_nothing(tmp_path: Path) -> 
     leftovers = sorted(path.name for path in tree.output_dir.rglob(".*.tmp"))
     print(f"{len(kills)} kills, {restarts} recoveries, temporary files left: {leftovers}")
     assert len(kills) >= 15, "too few kills to mean anything"
-    assert restarts >= 10, "the run was hardly recovered between the kills"
+    # A recovery now writes the exact position too (about 40 ms from crash to relaunch, it
+    # was 10-20 ms), so more of the kills aimed at it land before its ledger write.
+    assert restarts >= 5, "the run was hardly recovered between the kills"
     assert census.most == 1, f"two trainers at once: {census.crowded[:3]}"

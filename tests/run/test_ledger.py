@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sidecar.run.ledger import Ledger, LedgerError, LedgerStore
+from sidecar.run.ledger import Attempt, Ledger, LedgerError, LedgerStore
 
 
 def test_round_trip_keeps_budget_and_quarantine(tmp_path):
@@ -43,5 +43,47 @@ def test_saved_file_is_complete_json_and_no_temp_file_remains(tmp_path):
     """The write is atomic: a complete JSON document, no leftovers."""
     store = LedgerStore(tmp_path)
     store.save(Ledger())
-    assert json.loads((tmp_path / "state.json").read_text())["version"] == 1
+    assert json.loads((tmp_path / "state.json").read_text())["version"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_version_1_ledger_is_read_and_upgraded(tmp_path):
+    """A ledger from before attempts were recorded keeps its budget and quarantine."""
+    (tmp_path / "state.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "recoveries": [
+                    {
+                        "at": "2026-01-01T00:00:00+00:00",
+                        "reason": "r",
+                        "kind": "stall",
+                        "checkpoint": "/o/a-state",
+                    }
+                ],
+                "resume_failures": {"/o/a-state": 1},
+                "quarantined": [],
+                "current_checkpoint": "/o/a-state",
+                "current_checkpoint_completed_at": 5.0,
+                "consecutive_failures": 1,
+                "completed": False,
+                "gave_up": False,
+            }
+        )
+    )
+    ledger = LedgerStore(tmp_path).load()
+    assert ledger.restarts == 1 and ledger.attempts == [] and ledger.steps_per_epoch is None
+    LedgerStore(tmp_path).save(ledger)
+    assert json.loads((tmp_path / "state.json").read_text())["version"] == 2
+
+
+def test_the_attempt_that_wrote_a_state_is_the_last_launched_before_it():
+    """Attempts cover the time from their launch to the next one's."""
+    ledger = Ledger()
+    first, second = Attempt(launched_at=100.0, initial_step=0), Attempt(200.0, 24, "/o/s")
+    ledger.record_attempt(first)
+    ledger.record_attempt(second)
+    assert ledger.attempt_that_wrote(150.0) is first
+    assert ledger.attempt_that_wrote(200.0) is second
+    assert ledger.attempt_that_wrote(99.0) is None
+    assert ledger.attempt_that_wrote(None) is None

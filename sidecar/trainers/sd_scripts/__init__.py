@@ -5,11 +5,18 @@ names, progress lines. :data:`SD_SCRIPTS` is all of it as one
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.observe.progress import TqdmBar
-from sidecar.trainers.sd_scripts import launch_script, progress_lines, train_script
+from sidecar.trainers.base import ExpectedResume, LaunchCommand, ResumePosition, StartupReport
+from sidecar.trainers.sd_scripts import launch_script, position, progress_lines, train_script
 from sidecar.trainers.sd_scripts import state_naming as naming
+
+if TYPE_CHECKING:
+    from sidecar.checkpoints.scan import Candidate
+    from sidecar.run.ledger import Ledger
 
 __all__ = ["SD_SCRIPTS", "SdScripts"]
 
@@ -29,17 +36,88 @@ class SdScripts:
         return train_script.parse_train_script(text)
 
     def rewritten_launch_script(
-        self, text: str, *, resume_from: str | None, ensure_save_state: bool
+        self,
+        text: str,
+        *,
+        resume_from: str | None,
+        ensure_save_state: bool,
+        initial_step: int | None = None,
     ) -> str:
         return launch_script.rewritten_train_script(
-            text, resume_from=resume_from, ensure_save_state=ensure_save_state
+            text,
+            resume_from=resume_from,
+            ensure_save_state=ensure_save_state,
+            initial_step=initial_step,
         )
 
     def rewrite_launch_script(
-        self, script: Path, *, resume_from: str | None, ensure_save_state: bool
+        self,
+        script: Path,
+        *,
+        resume_from: str | None,
+        ensure_save_state: bool,
+        initial_step: int | None = None,
     ) -> tuple[bool, str, str]:
         return launch_script.rewrite_train_script(
-            script, resume_from=resume_from, ensure_save_state=ensure_save_state
+            script,
+            resume_from=resume_from,
+            ensure_save_state=ensure_save_state,
+            initial_step=initial_step,
+        )
+
+    def read_startup(self, text: str) -> StartupReport:
+        return position.startup_report(text)
+
+    def resume_position(self, state: Candidate, ledger: Ledger) -> ResumePosition:
+        writer = ledger.attempt_that_wrote(state.completed_at)
+        initial_step, reason = position.plan_position(
+            state_step=state.step,
+            state_kind=state.kind,
+            state_number=state.number,
+            writer_initial_step=writer.initial_step if writer else None,
+            steps_per_epoch=ledger.steps_per_epoch,
+            gradient_accumulation=ledger.gradient_accumulation,
+        )
+        return ResumePosition(initial_step, reason)
+
+    def state_cadence(self, command: LaunchCommand, steps_per_epoch: int | None) -> int | None:
+        assert isinstance(command, train_script.TrainCommand)
+        return launch_script.state_cadence(command, steps_per_epoch)
+
+    def add_save_cadence(
+        self, script: Path, *, every_n_steps: int, keep_last_steps: int
+    ) -> tuple[bool, str, str]:
+        return launch_script.add_save_cadence(
+            script, every_n_steps=every_n_steps, keep_last_steps=keep_last_steps
+        )
+
+    def run_identity(self, text: str) -> str:
+        bare = launch_script.rewritten_train_script(
+            text, resume_from=None, ensure_save_state=False, initial_step=None
+        )
+        for flag in launch_script.SIDECAR_MANAGED_FLAGS:
+            bare = train_script.remove_option(bare, flag)
+        return hashlib.sha256(bare.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def expected_resume(self, command: LaunchCommand) -> ExpectedResume | None:
+        if not command.resume:
+            return None
+        exact = command.option(position.SKIP_UNTIL_INITIAL_STEP) is not None
+        initial = _int_option(command, position.INITIAL_STEP) if exact else None
+        return ExpectedResume(command.resume, initial)
+
+    def launch_initial_step(
+        self, command: LaunchCommand, *, state_step: int | None, steps_per_epoch: int | None
+    ) -> int | None:
+        initial_step = _int_option(command, position.INITIAL_STEP)
+        initial_epoch = _int_option(command, position.INITIAL_EPOCH)
+        if initial_step is None and initial_epoch is not None and not steps_per_epoch:
+            return None  # --initial_epoch needs the steps per epoch, not seen yet
+        return position.initial_step_of(
+            initial_step=initial_step,
+            initial_epoch=initial_epoch,
+            steps_from_state=state_step if command.resume else None,
+            steps_per_epoch=steps_per_epoch or 1,
         )
 
     def add_save_state(self, script: Path) -> tuple[bool, str, str]:
@@ -52,3 +130,11 @@ class SdScripts:
 
 
 SD_SCRIPTS = SdScripts()
+
+
+def _int_option(command: LaunchCommand, flag: str) -> int | None:
+    value = command.option(flag)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None  # not a number: sd-scripts' argparse would refuse it at launch

@@ -187,7 +187,9 @@ def _values(value: str | tuple[str, ...], *, every: bool) -> tuple[str, ...]:
 
 def _split_into(fields: list[str], current: str | None, value: str) -> str | None:
     """Word splitting of one unquoted value with the default IFS; returns the open field."""
-    pieces = value.split()
+    # bash splits on IFS (space, tab, newline) only: str.split() would also split on
+    # Unicode spaces such as U+00A0, which bash keeps inside a word.
+    pieces = [piece for piece in re.split(f"[{_IFS_BLANKS}]+", value) if piece]
     if not pieces:
         if current is not None and value:
             fields.append(current)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from bash_argv import argv_bash_passes
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.trainers.sd_scripts.train_script import (
@@ -65,11 +65,17 @@ def scripts_with_variables(draw: st.DrawFn) -> str:
     return "\n".join(lines) + "\n" + body + "\n"
 
 
+# Found by this test: bash splits unquoted values on space, tab and newline only.
+NBSP_IN_AN_ARRAY = 'ARR=("\xa0")\nSCRIPT="my dir/train.py"\naccelerate launch "$SCRIPT" ${ARR[@]}\n'
+
+
 @settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(script=scripts_with_variables())
+@example(script=NBSP_IN_AN_ARRAY)
 def test_resolved_arguments_agree_with_bash(tmp_path: Path, script: str) -> None:
+    """Whatever the variables hold, the reader passes the trainer what bash passes it."""
     command = parse_train_script(script)
     expected = [*command.launcher_args[1:], command.trainer_script, *command.trainer_args]
     assert argv_bash_passes(script, tmp_path) == expected
