@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 
-def argv_bash_passes(script: str, folder: Path) -> list[str]:
-    """Run ``script`` with bash and return what a stub ``accelerate`` on PATH received."""
+def run_with_stub_accelerate(script: str, folder: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run ``script`` with bash from ``folder``, a stub ``accelerate`` first on PATH that
+    prints its arguments NUL-separated."""
     bin_folder = folder / "bin"
     bin_folder.mkdir(exist_ok=True)
     stub = bin_folder / "accelerate"
@@ -16,7 +17,7 @@ def argv_bash_passes(script: str, folder: Path) -> list[str]:
     stub.chmod(0o755)
     path = folder / "train.sh"
     path.write_text(script, encoding="utf-8", newline="")
-    result = subprocess.run(
+    return subprocess.run(
         ["bash", str(path)],
         cwd=folder,
         env={**os.environ, "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}"},
@@ -24,4 +25,8 @@ def argv_bash_passes(script: str, folder: Path) -> list[str]:
         check=True,
         timeout=30,
     )
-    return result.stdout.decode("utf-8").split("\0")[:-1]
+
+
+def argv_bash_passes(script: str, folder: Path) -> list[str]:
+    """The arguments the stub ``accelerate`` received from bash running ``script``."""
+    return run_with_stub_accelerate(script, folder).stdout.decode("utf-8").split("\0")[:-1]

@@ -25,14 +25,20 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 from conftest import FAST_SETTINGS, run_sidecar
-from safetensors import safe_open
 
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import SidecarRun
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where they are used: imported at collection they would
+# make the whole pytest process half a gigabyte, and every child it forks with it (a memory
+# bound on a sidecar command elsewhere measures the child's peak).
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -111,6 +117,8 @@ def build_real_tree(root: Path, cadence: str) -> FluxgymTree:
 
 
 def read_lineage(model_file: Path) -> Lineage:
+    from safetensors import safe_open
+
     with safe_open(str(model_file), framework="pt") as model:
         metadata = model.metadata()
         weight = model.get_tensor("linear.weight")
@@ -147,6 +155,8 @@ def assert_same_lineage(recovered: Lineage, baseline: Lineage) -> None:
     assert recovered.optimizer_step == len(recovered.pairs), f"mixed-save state? {report}"
     assert recovered.optimizer_step == baseline.optimizer_step, report
     assert recovered.pairs == baseline.pairs, report
+    import torch
+
     assert torch.equal(recovered.weight, baseline.weight), report
     assert torch.equal(recovered.bias, baseline.bias), report
 

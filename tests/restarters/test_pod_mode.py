@@ -374,7 +374,11 @@ class PodScene:
     def start_pod(self, name: str, faults: str) -> None:
         self.api.pods.add((NAMESPACE, name))
         self.deleted.clear()
-        self.runtime = start_runtime(self.tree, {**FAST_SIMULATION, "SIM_FAULTS": faults})
+        # The pod's trainer and the sidecar start together; the trainer's model loading
+        # (3 s, within the 4 s start-up grace) lets the sidecar, which starts in about a
+        # second, watch from its first step, as the pod's sidecar container does.
+        simulation = {**FAST_SIMULATION, "SIM_STARTUP_SECONDS": "3", "SIM_FAULTS": faults}
+        self.runtime = start_runtime(self.tree, simulation)
         pattern = tree_pattern(self.tree)
         sidecar_env = {
             **os.environ,

@@ -6,13 +6,13 @@ stub ``accelerate`` on PATH that prints the argv it receives.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+from bash_argv import run_with_stub_accelerate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,29 +63,9 @@ def with_line_after_script(text: str, line: str) -> str:
     return text.replace(SCRIPT_LINE, SCRIPT_LINE + line, 1)
 
 
-def write_stub_accelerate(folder: Path) -> Path:
-    """A fake ``accelerate`` that prints its argv NUL-separated; returns the folder for PATH."""
-    bin_folder = folder / "bin"
-    bin_folder.mkdir(exist_ok=True)
-    stub = bin_folder / "accelerate"
-    stub.write_text("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
-    stub.chmod(0o755)
-    return bin_folder
-
-
 def argv_bash_passes(script: str, folder: Path) -> list[str]:
     """Run ``script`` with bash and return the arguments the stub ``accelerate`` received."""
-    bin_folder = write_stub_accelerate(folder)
-    script_path = folder / "train.sh"
-    script_path.write_text(script, encoding="utf-8", newline="")
-    result = subprocess.run(
-        ["bash", str(script_path)],
-        cwd=folder,
-        env={**os.environ, "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}"},
-        capture_output=True,
-        check=True,
-        timeout=30,
-    )
+    result = run_with_stub_accelerate(script, folder)
     assert result.stderr == b""
     assert not (folder / "pwned").exists()
     return result.stdout.decode("utf-8").split("\0")[:-1]
