@@ -345,7 +345,6 @@ class Watchdog:
         figures = {**verdict.figures, **usage_figures(self.restarter.trainer_pids())}
         if verdict.kind is VerdictKind.COMPLETED:
             self._run.record.ledger.completed = True
-            self._run.record.ledger.completed_at = wall
             self._run.record.save()
             self.log.info(events.TRAINING_COMPLETED, reason=verdict.reason, **figures)
             if verdict.figures.get("trainer_still_running") and self.restarter.acts:

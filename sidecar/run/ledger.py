@@ -68,7 +68,6 @@ class Ledger:
     run_digest: str | None = None
     run_started_at: float | None = None
     script_mtime_ns: int | None = None  # train.sh as the sidecar last wrote or saw it
-    completed_at: float | None = None
 
     @property
     def restarts(self) -> int:
