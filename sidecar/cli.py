@@ -1,4 +1,5 @@
-"""Command line: ``training-sidecar {run,check,checkpoints,resume,status,healthcheck,demo}``.
+"""Command line: ``training-sidecar COMMAND``: run, check, checkpoints, resume, status, abandon,
+healthcheck, demo.
 
 Every setting is a flag whose default comes from its ``SIDECAR_*`` variable; the
 flag, when given, wins. Parsing and validation happen here, once, before any
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarise the run: phase, step and ETA, last checkpoint, restarts, incidents",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
+    abandon = commands.add_parser(
+        "abandon",
+        parents=[settings_flags],
+        help="mark the current run as abandoned: never resumed after an interruption, "
+        "not recovered any more",
+    )
+    abandon.add_argument("--reason", default="", help="why; shown in the log and in status")
     commands.add_parser(
         "healthcheck",
         parents=[settings_flags],
@@ -105,5 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resume": commands.resume,
         "healthcheck": commands.healthcheck,
         "status": commands.status,
+        "abandon": commands.abandon,
     }[arguments.command]
     return handler(settings, arguments)

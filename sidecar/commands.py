@@ -20,6 +20,7 @@ from sidecar.config import Settings
 from sidecar.log_setup import configure_logging, get_logger
 from sidecar.observe.gpu import NvmlGpuMonitor
 from sidecar.recover.resume_point import ResumePointer
+from sidecar.run.abandon import AbandonMarker
 from sidecar.run.ledger import LedgerError, LedgerStore
 from sidecar.run.locator import RunLocator
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
@@ -196,6 +197,25 @@ def resume(settings: Settings, arguments: argparse.Namespace) -> int:
     )
     trainer_path = paths.path_map.to_trainer(str(chosen.path))
     print(f"{'rewrote' if changed else 'unchanged'} {paths.train_script}: --resume {trainer_path}")
+    return 0
+
+
+def abandon(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Mark the run as abandoned: the sidecar will not resume or recover it any more."""
+    paths = _locate_run(settings, sys.stderr)
+    if paths is None:
+        return EXIT_PROBLEM
+    marker = AbandonMarker(paths.state_dir)
+    reason = arguments.reason or "training-sidecar abandon"
+    try:
+        marker.write(reason)
+    except OSError as error:
+        print(f"problem: cannot write {marker.path}: {error}", file=sys.stderr)
+        return EXIT_PROBLEM
+    print(
+        f"abandoned {paths.output_dir}: not resumed after an interruption and not recovered "
+        f"any more; a trainer that runs now is left running. Undo: rm {marker.path}"
+    )
     return 0
 
 

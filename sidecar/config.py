@@ -121,6 +121,14 @@ class Settings(BaseSettings):
         description="pod mode: that pod's namespace, from the downward API (metadata.namespace); "
         "required in pod mode.",
     )
+    # With a native sidecar the kubelet stops the trainer before the sidecar: without a word
+    # from the trainer's container, a preemption would look like a crash.
+    termination_file: Path | None = Field(
+        None,
+        description="signal and pod modes: a file the trainer container's wrapper creates when "
+        "the platform stops the pod (preemption, eviction, drain); the trainer found gone "
+        "while it exists was interrupted, not crashed.",
+    )
     trainer_pattern: str = Field(
         DEFAULT_TRAINER_PATTERN,
         description="exec, signal modes and run following: regular expression over a process's "
@@ -174,6 +182,19 @@ class Settings(BaseSettings):
         1200.0, description="After each (re)launch, how long to wait for first progress."
     )
     max_restarts: int = Field(10, ge=0, description="Recoveries allowed before giving up.")
+    # A reboot, a preemption or a recreated container is not the run's own failure: it is
+    # resumed without spending the restart budget, and bounded by a budget of its own.
+    resume_interrupted: bool = Field(
+        True,
+        description="At start, resume the run that was interrupted (the sidecar or the machine "
+        "went away while it trained) from its newest complete state, by itself.",
+    )
+    max_interruptions: int = Field(
+        5,
+        ge=1,
+        description="Interruptions in a row with no new complete state in between before the "
+        "sidecar gives up on the run (a machine that dies every few minutes).",
+    )
     kill_grace: Duration = Field(
         30.0, description="SIGTERM-to-SIGKILL delay when stopping the trainer."
     )

@@ -40,6 +40,13 @@ TRAINER_RESTARTED: Final = "trainer_restarted"
 RELAUNCH_ENVIRONMENT: Final = "relaunch_environment"
 RESTART_FAILED: Final = "restart_failed"
 TRAINING_COMPLETED: Final = "training_completed"
+# The machine went away: interrupted runs, resumed by themselves or left alone.
+RUN_INTERRUPTED: Final = "run_interrupted"
+RUN_RESUMED_AFTER_INTERRUPTION: Final = "run_resumed_after_interruption"
+INTERRUPTION_NOT_RESUMED: Final = "interruption_not_resumed"
+WAITING_FOR_TRAINER_CONTAINER: Final = "waiting_for_trainer_container"
+RUN_ABANDONED: Final = "run_abandoned"
+DUPLICATE_TRAINER_STOPPED: Final = "duplicate_trainer_stopped"
 GAVE_UP: Final = "gave_up"
 TRAINER_UNREACHABLE: Final = "trainer_unreachable"
 TRAINER_REACHABLE: Final = "trainer_reachable"
@@ -89,6 +96,8 @@ CONTRACT: Final = (
     RESTART_FAILED,
     TRAINING_COMPLETED,
     GAVE_UP,
+    RUN_INTERRUPTED,
+    RUN_RESUMED_AFTER_INTERRUPTION,
 )
 
 ALL: Final = frozenset(

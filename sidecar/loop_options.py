@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidecar.decide.decision import Policy
+from sidecar.decide.interruption import InterruptionOptions
 from sidecar.decide.recovery_rules import RecoveryRules
 from sidecar.recover.resume_point import ResumeOptions
 
@@ -28,3 +29,6 @@ class LoopOptions:
     policy: Policy  # how verdicts are reached
     rules: RecoveryRules  # budget, backoff and the runtime's restart window
     max_lost_work: float = 0.0  # seconds; 0: leave the trainer's state cadence as it is
+    interruptions: InterruptionOptions = field(
+        default_factory=lambda: InterruptionOptions(resume=True, max_in_a_row=5)
+    )

@@ -14,20 +14,24 @@ from collections.abc import Callable
 from typing import Any
 
 from sidecar import events
+from sidecar.checkpoints.choice import NoCheckpointLeft
 from sidecar.decide import decision
 from sidecar.decide.decision import Phase, RunState, Verdict, VerdictKind
+from sidecar.decide.interruption import Plan
 from sidecar.decide.recovery_rules import rearm_after_stall, restart_overdue
 from sidecar.loop_options import Clocks, LoopOptions
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.process_tree import usage_figures
 from sidecar.observe.trainer_visibility import TrainerVisibility
 from sidecar.recover.first_launch import Launch, launch_first
+from sidecar.recover.interruption import Interruptions
 from sidecar.recover.recovery import Outcome, OutcomeKind, Recovery
 from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
 from sidecar.run.ledger import Ledger
 from sidecar.run.locator import RunLocator
-from sidecar.run.lock import RunLock
-from sidecar.run.paths import RunPaths, RunSetupError
+from sidecar.run.lock import RunLock, RunLockHeld
+from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
+from sidecar.trainers import LaunchScriptError
 from sidecar.watched_run import WatchedRun
 
 _VERDICT_EVENTS = {
@@ -35,6 +39,9 @@ _VERDICT_EVENTS = {
     VerdictKind.CRASH: events.TRAINER_CRASHED,
     VerdictKind.RESUME_FAILED: events.RESUME_FAILED,
 }
+
+# How an attempt the sidecar starts to resume an interrupted run is logged.
+RESUME_SOURCE = "resume after interruption"
 
 EXIT_COMPLETED = 0
 EXIT_ERROR = 1
@@ -79,6 +86,9 @@ class Watchdog:
             monotonic=self.clocks.monotonic,
         )
         self.visibility = TrainerVisibility(restarter, log)
+        self.interruptions = Interruptions(
+            options.interruptions, log, started_at=self.clocks.wall()
+        )
         self.run_lock: RunLock | None = None  # process mode: one sidecar per run
         self._run: WatchedRun | None = None
         self.attempt: RunState | None = None  # None: no trainer being watched (idle)
@@ -86,6 +96,9 @@ class Watchdog:
         self._attempt_key: str | None = None
         self._pending_recovery: Verdict | None = None  # a recovery to retry (e.g. disk full)
         self._restart_due_by: float | None = None  # left to the runtime: back by then
+        # An interrupted run to relaunch once the trainer's container can take it (exec).
+        self._resume_pending = False
+        self._resume_problem: str | None = None  # why the last try could not, logged once
         self.ready = False  # the first poll is done
         self.last_poll_seconds: float | None = None
 
@@ -113,6 +126,7 @@ class Watchdog:
                 return outcome
         else:
             self.visibility.start()
+            self._take_stock()
         interval = self.options.poll_interval
         next_poll = self.clocks.monotonic() + interval
         while not self._wait(self._until_next_poll(next_poll)):
@@ -139,13 +153,26 @@ class Watchdog:
             return None
         status = self.visibility.status()
         if self.attempt is None:
-            if self.restarter.acts:
+            if self._resume_pending:
+                self._relaunch_interrupted(status, wall)
+            elif self.restarter.acts:
                 self._maybe_begin(status, now)
             return None
         if status is None:
             # The trainer cannot be seen this poll (daemon down, container gone): no verdict
             # on a run we cannot observe, and nothing spent on a recovery that cannot work.
             return None
+        self._run.touch_alive()
+        if status.others:
+            self._keep_one_trainer(status, now, wall)
+            return None
+        if not status.running and status.went_with_container:
+            # Its container stopped or restarted under it (a recreate, a reboot, `compose
+            # restart`): the run was interrupted, and is relaunched once the container is back.
+            self._interrupted("container_stopped", wall)
+            self._resume_pending = self.options.interruptions.resume and self.restarter.relaunches
+            return None
+        self._run.check_abandoned(self.log)  # a verdict on it is reported, not recovered
         if _replaced_underneath(status, self._attempt_key):
             # Restarted by someone else between two polls (a restart policy after a crash):
             # a new attempt, resuming from wherever train.sh pointed.
@@ -242,7 +269,14 @@ class Watchdog:
             self._log_restarted()
             return
         run = self._run
-        if run is not None and (run.record.ledger.completed or run.record.ledger.gave_up):
+        if run is not None and self._replace_fresh_start(run, status):
+            return
+        ledger = run.record.ledger if run is not None else None
+        if (
+            run is not None
+            and ledger is not None
+            and (ledger.completed or ledger.gave_up or ledger.abandoned)
+        ):
             run.start_over(self.log, wall=self.clocks.wall())
         self._begin_attempt(source="external", key=status.attempt)
 
@@ -282,6 +316,7 @@ class Watchdog:
         if current != paths:
             self.attempt = None
             self._select_run(current)
+            self._take_stock()  # the run followed now may be one the machine interrupted
 
     def _begin_attempt(self, *, source: str, key: str | None = None) -> None:
         assert self._run is not None
@@ -290,6 +325,10 @@ class Watchdog:
         learned = self.attempt.cadence if self.attempt else self._cadence
         self.attempt = decision.started(self.clocks.monotonic(), learned)
         self._attempt_key = key
+        if self.restarter.acts:
+            self._run.set_supervising(True)
+            by = "sidecar" if source in ("sidecar", RESUME_SOURCE) else "trainer"
+            self.interruptions.resumed(self._run, by=by, wall=self.clocks.wall())
         if source == "sidecar":
             return
         self._run.note_resume_pointer()
@@ -312,18 +351,41 @@ class Watchdog:
         if self.attempt is not None:
             self._cadence = self.attempt.cadence
         self.attempt = None
+        if self._run is not None:
+            self._run.set_supervising(False)
 
     def _first_launch(self) -> int | None:
         """Process mode: launch train.sh, resuming from what an earlier attempt left."""
         run = self._run
         assert run is not None
         self.run_lock = RunLock(run.paths.state_dir)
+        try:
+            self.run_lock.acquire()  # before the ledger is read for what happened last time
+        except (RunLockHeld, OSError) as error:
+            self.log.error(events.CONFIGURATION_INVALID, reason=str(error))
+            return EXIT_ERROR
+        status = self.visibility.status()
+        plan = self.interruptions.take_stock(
+            run,
+            acts=True,
+            relaunches=True,
+            trainer_running=bool(status and status.running),
+            survivor=self.restarter.outlives_sidecar,
+            wall=self.clocks.wall(),
+        )
+        if plan is not None and plan.plan is Plan.GIVE_UP:
+            self.recovery.give_up(run.record, plan.reason)
+            return EXIT_GAVE_UP
+        abandoned = run.record.ledger.abandoned  # logged by take_stock
+        if abandoned or (
+            plan is not None and plan.plan is Plan.LEAVE and plan.cause != "completed"
+        ):
+            return EXIT_COMPLETED  # abandoned, or resuming turned off: nothing is started
         run.observer.mark_launch()
         launch = launch_first(
             run,
             restarter=self.restarter,
             recovery=self.recovery,
-            lock=self.run_lock,
             settle=self.options.checkpoint_settle,
             wall=self.clocks.wall(),
             log=self.log,
@@ -337,6 +399,127 @@ class Watchdog:
         self._begin_attempt(source="sidecar", key=self.restarter.status().attempt)
         self._log_started("sidecar", workdir=str(run.paths.trainer_workdir))
         return None
+
+    # -- interruptions -----------------------------------------------------------------------
+
+    def _take_stock(self) -> None:
+        """Container modes at start: resume the run the machine or the sidecar left behind."""
+        run = self._run
+        if run is None:
+            return None
+        status = self.visibility.status()
+        plan = self.interruptions.take_stock(
+            run,
+            acts=self.restarter.acts,
+            relaunches=self.restarter.relaunches,
+            trainer_running=bool(status and status.running),
+            survivor=self.restarter.outlives_sidecar,
+            wall=self.clocks.wall(),
+        )
+        self._resume_pending = plan is not None and plan.plan is Plan.RELAUNCH
+        if plan is not None and plan.plan is Plan.GIVE_UP:
+            self.recovery.give_up(run.record, plan.reason)
+
+    def _interrupted(self, how: str, wall: float) -> None:
+        """The watched attempt ends because the sidecar or its trainer's container goes."""
+        assert self._run is not None
+        self.interruptions.record(self._run, how, at=wall)
+        self._forget_attempt()
+
+    def _relaunch_interrupted(self, status: TrainerStatus | None, wall: float) -> None:
+        """Start the interrupted run again from its newest complete state, once possible."""
+        run = self._run
+        assert run is not None
+        if status is not None and status.running:
+            # A trainer appeared meanwhile (the UI's Start): keep one of the two.
+            self._resume_pending = False
+            self._maybe_begin(status, self.clocks.monotonic())
+            return
+        try:
+            choice = run.pointer.choose_and_point(
+                run.record.ledger, now=wall, settle=0.0, after_failure=False
+            )
+            run.record.ledger = choice.ledger
+            run.record.save()
+            run.observer.mark_launch()
+            self.restarter.restart()
+        except NoCheckpointLeft as error:
+            run.record.ledger = error.ledger
+            self._resume_pending = False
+            self.recovery.give_up(run.record, str(error))
+            return
+        except (RestartError, LaunchScriptError, OSError) as error:
+            run.observer.forget_launch()
+            if str(error) != self._resume_problem:  # e.g. FluxGym's container still starting
+                self._resume_problem = str(error)
+                self.log.info(events.WAITING_FOR_TRAINER_CONTAINER, reason=str(error))
+            return
+        self._resume_pending, self._resume_problem = False, None
+        after = self.visibility.status()
+        self._begin_attempt(source=RESUME_SOURCE, key=after.attempt if after else None)
+
+    def _replace_fresh_start(self, run: WatchedRun, status: TrainerStatus) -> bool:
+        """An interrupted run started again from the beginning by someone else (FluxGym's
+        Start regenerates train.sh without --resume) while a complete state of it exists:
+        stop that trainer and resume the run instead. True when it was replaced."""
+        ledger = run.record.ledger
+        if ledger.interrupted is None or status.own is not None or not self.restarter.relaunches:
+            return False
+        seen = run.script_seen()
+        try:
+            _, command = read_train_script(run.paths.train_script, run.paths.trainer)
+        except RunSetupError:
+            return False
+        newest = run.pointer.newest(ledger, now=self.clocks.wall(), settle=0.0)
+        if seen is None or seen.digest != ledger.run_digest or command.resume or newest is None:
+            return False  # a new run, one that resumes by itself, or nothing to resume from
+        pids = self.restarter.trainer_pids()
+        try:
+            self.restarter.stop()
+        except RestartError as error:
+            self.log.error(events.RESTART_FAILED, reason=str(error))
+            return False
+        self.log.warning(
+            events.DUPLICATE_TRAINER_STOPPED,
+            kept="sidecar",
+            stopped_pids=pids,
+            reason="the interrupted run was started again from the beginning (train.sh without "
+            f"--resume) while its state {newest.path.name} exists; resuming from it instead",
+        )
+        self._resume_pending = True
+        return True
+
+    def _keep_one_trainer(self, status: TrainerStatus, now: float, wall: float) -> None:
+        """Two trainers: the sidecar's relaunch and one started beside it (the UI's Start).
+        The same run keeps the sidecar's, which resumes; a new run (other settings) wins."""
+        run = self._run
+        assert run is not None
+        seen = run.script_seen()
+        same_run = seen is not None and seen.digest == run.record.ledger.run_digest
+        stop = list(status.others) if same_run or status.own is None else [status.own]
+        try:
+            self.restarter.stop_trees(stop)
+        except RestartError as error:
+            self.log.error(events.RESTART_FAILED, reason=str(error))
+            return
+        self.log.warning(
+            events.DUPLICATE_TRAINER_STOPPED,
+            kept="sidecar" if same_run else "user",
+            stopped_pids=stop,
+            reason="a second trainer of the same run started beside the sidecar's resume; "
+            "the resume is kept"
+            if same_run
+            else "a new run (train.sh with other settings) started beside the sidecar's resume "
+            "of the old one; the new run is kept",
+        )
+        if same_run:
+            # Its start rewrote train.sh (FluxGym's Start): point it at the newest state again.
+            run.pointer.ensure_save_state()
+            run.pointer_checked_at = float("-inf")
+            run.keep_resume_current(now, wall, settle=0.0)
+            return
+        self._forget_attempt()
+        run.establish_boundary(self.log)  # the new run's ledger; its trainer is begun next poll
 
     # -- verdicts ----------------------------------------------------------------------------
 
@@ -385,7 +568,11 @@ class Watchdog:
             status = self.visibility.status()
             self._begin_attempt(source="sidecar", key=status.attempt if status else None)
             self._log_restarted(reason=verdict.kind.value, checkpoint=outcome.checkpoint)
-        return None  # RETRY: at the next poll; SHUTTING_DOWN: run() stops the trainer
+        elif outcome.kind is OutcomeKind.SHUTTING_DOWN and self._run is not None:
+            # Told to stop between stopping the trainer and relaunching it: the next start
+            # resumes the run (its recovery was already counted).
+            self._interrupted("sigterm", self.clocks.wall())
+        return None  # RETRY: at the next poll
 
     def _run_over(self, code: int) -> int | None:
         """Process mode ends with the run; container modes idle until the next one."""
@@ -409,6 +596,14 @@ class Watchdog:
         )
 
     def _shutdown(self) -> None:
+        if self._run is not None and self.restarter.acts and self.attempt is not None:
+            status = self.visibility.status()
+            if self._pending_recovery is not None or (status is not None and status.running):
+                self._interrupted("sigterm", self.clocks.wall())
+            elif status is not None and status.went_with_container:
+                self._interrupted("container_stopped", self.clocks.wall())
+            else:
+                self._forget_attempt()  # it ended by itself just before: nothing interrupted
         if not (self.restarter.acts and self.restarter.exits_with_run):
             return  # only a trainer we launched ourselves is ours to stop
         status = self.visibility.status()

@@ -4,6 +4,8 @@ its output and the pointer that writes its resume argument."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from sidecar.decide.run_boundary import ScriptSeen, run_boundary, written_by_thi
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.observer import RunObserver
 from sidecar.recover.resume_point import ResumeOptions, ResumePointer
+from sidecar.run.abandon import AbandonMarker
 from sidecar.run.ledger import Attempt, Ledger
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.run.record import RunRecord
@@ -59,7 +62,7 @@ class WatchedRun:
     def establish_boundary(self, log: Any) -> bool:
         """Decide whether the launch script is this recorded run's or a new run's, before
         anything edits it; True for a new run (the ledger then starts afresh)."""
-        seen = self._script_seen()
+        seen = self.script_seen()
         if seen is None:
             return False  # unreadable now: the launch reports it
         ledger = self.record.ledger
@@ -93,17 +96,25 @@ class WatchedRun:
         ledger = self.record.ledger
         if self.establish_boundary(log):
             return
+        ended = (
+            "completed"
+            if ledger.completed
+            else "was abandoned"
+            if ledger.abandoned
+            else "was given up"
+        )
         log.info(
             events.NEW_RUN_DETECTED,
             train_script=str(self.paths.train_script),
-            reason="a trainer started after the recorded run "
-            + ("completed" if ledger.completed else "was given up"),
+            reason=f"a trainer started after the recorded run {ended}",
         )
         fresh = Ledger(run_digest=ledger.run_digest, script_mtime_ns=ledger.script_mtime_ns)
-        fresh.run_started_at = wall if ledger.completed else ledger.run_started_at
+        # After a completion (or an abandon) only what is written from now on is the new run's.
+        after_end = ledger.completed or ledger.abandoned
+        fresh.run_started_at = wall if after_end else ledger.run_started_at
         self.record.replace(fresh)
 
-    def _script_seen(self) -> ScriptSeen | None:
+    def script_seen(self) -> ScriptSeen | None:
         try:
             text, _ = read_train_script(self.paths.train_script, self.paths.trainer)
             status = self.paths.train_script.stat()
@@ -253,6 +264,55 @@ class WatchedRun:
             ledger.attempts[-1].initial_step = resolved or 0
             self.unresolved_launch = None
         self.record.save()
+        return True
+
+    # -- the run's life across the sidecar's own ----------------------------------------------
+
+    @property
+    def alive_file(self) -> Path:
+        """Touched on every poll while a trainer of the run is watched: the last sign of life
+        after an unclean end (the heartbeat file lives in the container, this on the volume)."""
+        return self.paths.state_dir / "alive"
+
+    def touch_alive(self) -> None:
+        with contextlib.suppress(OSError):  # a full or read-only volume: the log's time serves
+            try:
+                os.utime(self.alive_file)
+            except FileNotFoundError:
+                self.alive_file.parent.mkdir(parents=True, exist_ok=True)
+                self.alive_file.touch()
+
+    def last_sign_of_life(self) -> float | None:
+        """When the run was last seen training: the alive file or the trainer's log."""
+        times = []
+        for path in (self.alive_file, self.paths.train_log):
+            with contextlib.suppress(OSError):
+                times.append(path.stat().st_mtime)
+        return max(times) if times else None
+
+    def set_supervising(self, supervising: bool) -> None:
+        ledger = self.record.ledger
+        if ledger.supervising != supervising:
+            ledger.supervising = supervising
+            self.record.save()
+
+    def check_abandoned(self, log: Any) -> bool:
+        """Read the user's abandon marker into the ledger (logged once); True if abandoned."""
+        ledger = self.record.ledger
+        reason = AbandonMarker(self.paths.state_dir).reason_for(ledger.run_started_at)
+        if (reason is not None) == ledger.abandoned:
+            return ledger.abandoned
+        ledger.abandoned = reason is not None  # the marker removed: the run may go on again
+        self.record.save()
+        if reason is None:
+            return False
+        log.warning(
+            events.RUN_ABANDONED,
+            reason=reason,
+            train_script=str(self.paths.train_script),
+            note="not resumed after an interruption and not recovered; train.sh and every "
+            "checkpoint are left as they are",
+        )
         return True
 
     def note_resume_pointer(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from sidecar.config import Settings
 from sidecar.decide.cadence import AdaptiveTimeout
 from sidecar.decide.decision import Policy
+from sidecar.decide.interruption import InterruptionOptions
 from sidecar.decide.recovery_rules import RecoveryRules
 from sidecar.loop_options import LoopOptions
 from sidecar.recover.resume_point import ResumeOptions
@@ -41,7 +42,12 @@ def build_restarter(
     if mode == "signal":
         from sidecar.restarters.signal import SignalRestarter
 
-        return SignalRestarter(pattern=pattern, kill_grace=settings.kill_grace, log=log.info)
+        return SignalRestarter(
+            pattern=pattern,
+            kill_grace=settings.kill_grace,
+            log=log.info,
+            termination_file=settings.termination_file,
+        )
     if mode == "pod":
         return _pod_restarter(settings, pattern, log, stop_event)
     return _docker_restarter(settings, pattern, log, stop_event)
@@ -78,6 +84,7 @@ def _pod_restarter(
         # reports it as a restart problem instead of failing to start.
         gateway=KubernetesGateway(stop_event=stop_event, log=log),
         log=log.info,
+        termination_file=settings.termination_file,
     )
 
 
@@ -151,4 +158,7 @@ def loop_options_of(settings: Settings) -> LoopOptions:
         policy=policy_of(settings),
         rules=recovery_rules_of(settings),
         max_lost_work=settings.max_lost_work,
+        interruptions=InterruptionOptions(
+            resume=settings.resume_interrupted, max_in_a_row=settings.max_interruptions
+        ),
     )

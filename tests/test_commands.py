@@ -128,3 +128,45 @@ def test_healthcheck_follows_the_heartbeat(tmp_path):
     os.utime(beat, (1, 1))
     stale = subprocess.run(command, env=env, capture_output=True, text=True)
     assert stale.returncode == 1 and "last heartbeat" in stale.stdout
+
+
+def test_abandon_marks_the_run_and_status_shows_it(fluxgym):
+    """abandon writes the marker the running sidecar reads; status says so at once, and
+    removing the marker undoes it."""
+    result = sidecar(fluxgym, "abandon", "--reason", "wrong dataset")
+    assert result.returncode == 0, result.stdout + result.stderr
+    marker = fluxgym.output_dir / ".sidecar" / "abandoned"
+    assert json.loads(marker.read_text())["reason"] == "wrong dataset"
+    assert f"rm {marker}" in result.stdout
+    status = json.loads(sidecar(fluxgym, "status", "--json").stdout)
+    assert status["phase"] == "abandoned"
+    assert "wrong dataset" in status["phase_detail"]
+    marker.unlink()
+    assert json.loads(sidecar(fluxgym, "status", "--json").stdout)["phase"] != "abandoned"
+
+
+def test_an_abandon_written_before_the_run_began_does_not_apply(fluxgym):
+    """A marker older than the recorded run's start belongs to an earlier run of the folder."""
+    state_dir = fluxgym.output_dir / ".sidecar"
+    state_dir.mkdir()
+    marker = state_dir / "abandoned"
+    marker.touch()
+    os.utime(marker, (1000.0, 1000.0))
+    (state_dir / "state.json").write_text(json.dumps({"version": 2, "run_started_at": 2000.0}))
+    assert json.loads(sidecar(fluxgym, "status", "--json").stdout)["phase"] != "abandoned"
+
+
+def test_status_shows_an_interruption_and_its_resume(fluxgym):
+    state_dir = fluxgym.output_dir / ".sidecar"
+    state_dir.mkdir()
+    interrupted = {"at": 1000.0, "how": "unclean", "resumed_at": None, "down_seconds": None}
+    ledger = {"version": 2, "interruptions": [interrupted]}
+    (state_dir / "state.json").write_text(json.dumps(ledger))
+    text = sidecar(fluxgym, "status").stdout
+    assert "interrupted: the sidecar or the machine went away (unclean)" in text
+    assert "1 time(s), 0 resumed after interruption (last: unclean, not resumed yet)" in text
+    ledger["interruptions"][0].update(resumed_at=1042.0, down_seconds=42.0)
+    (state_dir / "state.json").write_text(json.dumps(ledger))
+    text = sidecar(fluxgym, "status").stdout
+    assert "interrupted: the sidecar" not in text
+    assert "1 resumed after interruption (last: unclean, down 42s)" in text

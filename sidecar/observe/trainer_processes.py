@@ -104,6 +104,28 @@ def script_runner(script: str) -> psutil.Process | None:
     return None
 
 
+def tree_roots(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` whose parent is not among them, oldest first: one per launch."""
+    processes = list(processes)
+    pids = {process.pid for process in processes}
+    roots = []
+    for process in processes:
+        try:
+            if process.ppid() not in pids:
+                roots.append((process.create_time(), process.pid, process))
+        except psutil.Error:
+            continue  # ended meanwhile
+    return [root[2] for root in sorted(roots, key=lambda root: root[:2])]
+
+
+def launched_with(process: psutil.Process, name: str, value: str) -> bool | None:
+    """Whether ``process`` was started with ``name=value`` in its environment (None: unreadable)."""
+    try:
+        return process.environ().get(name) == value
+    except psutil.Error:
+        return None
+
+
 def tree_root(processes: Iterable[psutil.Process]) -> psutil.Process | None:
     """The oldest of ``processes`` whose parent is not among them: who the launcher started."""
     processes = list(processes)

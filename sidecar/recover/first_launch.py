@@ -11,7 +11,6 @@ from sidecar.checkpoints.choice import NoCheckpointLeft
 from sidecar.recover.recovery import Recovery
 from sidecar.recover.resume_point import SAVE_STATE_REASON
 from sidecar.restarters.base import Restarter, RestartError
-from sidecar.run.lock import RunLock, RunLockHeld
 from sidecar.trainers import LaunchScriptError
 from sidecar.watched_run import WatchedRun
 
@@ -19,7 +18,7 @@ from sidecar.watched_run import WatchedRun
 class Launch(Enum):
     STARTED = "started"
     ALREADY_COMPLETE = "already complete"  # the final model is there: nothing to train
-    REFUSED = "refused"  # another sidecar holds the run, or the launch failed (logged)
+    REFUSED = "refused"  # the launch failed (logged)
     GAVE_UP = "gave up"  # nothing left to resume from, or the budget was spent before
 
 
@@ -28,7 +27,6 @@ def launch_first(
     *,
     restarter: Restarter,
     recovery: Recovery,
-    lock: RunLock,
     settle: float,
     wall: float,
     log: Any,
@@ -38,11 +36,6 @@ def launch_first(
         # This run's own final model (an earlier run's does not count: see the run boundary).
         log.info(events.TRAINING_COMPLETED, reason="final model already present", launched=False)
         return Launch.ALREADY_COMPLETE
-    try:
-        lock.acquire()
-    except (RunLockHeld, OSError) as error:
-        log.error(events.CONFIGURATION_INVALID, reason=str(error))
-        return Launch.REFUSED
     if recovery.rules.budget_spent(run.record.ledger.restarts):
         recovery.give_up(run.record, "restart budget already spent in an earlier session")
         return Launch.GAVE_UP

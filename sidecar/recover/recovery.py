@@ -68,6 +68,8 @@ class Recovery:
         restarter = self.restarter
         if restarter.stop_before_rewrite and not retrying and not self._stop(record):
             return Outcome(OutcomeKind.GAVE_UP)
+        if record.ledger.abandoned:
+            return self.give_up(record, "the run was abandoned by the user: not recovered")
         if self.rules.budget_spent(record.ledger.restarts):
             return self.give_up(record, f"restart budget of {self.rules.max_restarts} spent")
         # No settling: a stalled trainer wrote nothing for the whole stall timeout and a

@@ -18,6 +18,14 @@ class TrainerStatus:
     running: bool
     exit_code: int | None = None  # after it ended, when the mode can know it
     attempt: str | None = None  # identifies one run of the trainer (start time, pids, ...)
+    # It ended because its container stopped or restarted (a recreate, a reboot): an
+    # interruption of the run, not a crash of it.
+    went_with_container: bool = False
+    # Roots of trainer process trees running beside the one the sidecar launched (a second
+    # Start in the UI): never two trainers on one GPU and one output folder.
+    others: tuple[int, ...] = ()
+    # The root of the tree the sidecar launched, when it runs and can be told apart.
+    own: int | None = None
 
 
 class Restarter(Protocol):
@@ -31,6 +39,10 @@ class Restarter(Protocol):
     stop_before_rewrite: bool
     # False when someone else (the orchestrator's restart policy) brings the trainer back.
     relaunches: bool
+    # Whether a trainer can go on running when the sidecar goes away. Not in exec mode: the
+    # trainer is in the sidecar's PID namespace and dies with it, so a trainer running when
+    # the sidecar starts is always a new start, never one the sidecar watched before.
+    outlives_sidecar: bool
 
     def use_run(self, paths: RunPaths) -> None:
         """Follow the run now watched (container modes move between runs of one root)."""
@@ -49,3 +61,6 @@ class Restarter(Protocol):
 
     def restart(self) -> None:
         """Bring the trainer back after train.sh was rewritten; raises RestartError."""
+
+    def stop_trees(self, roots: list[int]) -> None:
+        """Stop only the trainer trees rooted at ``roots`` (one of two); raises RestartError."""

@@ -21,6 +21,7 @@ class ContainerRestarter:
     exits_with_run = False
     stop_before_rewrite = False
     relaunches = True
+    outlives_sidecar = True
 
     def __init__(
         self, *, gateway: DockerGateway, container: str, project: str | None, kill_grace: float
@@ -52,6 +53,9 @@ class ContainerRestarter:
 
     def stop(self) -> None:
         """Restarting stops it; nothing to do before train.sh is rewritten."""
+
+    def stop_trees(self, roots: list[int]) -> None:
+        raise RestartError("container mode does not see the trainer's processes")
 
     def restart(self) -> None:
         info = self._find()

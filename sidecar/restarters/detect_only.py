@@ -16,6 +16,7 @@ class DetectOnly:
     exits_with_run = False
     stop_before_rewrite = False
     relaunches = False
+    outlives_sidecar = True
 
     def use_run(self, paths: RunPaths) -> None:
         """Nothing to follow: this mode never touches the trainer."""
@@ -35,3 +36,6 @@ class DetectOnly:
 
     def restart(self) -> None:
         raise RestartError("detect-only mode never restarts the trainer")
+
+    def stop_trees(self, roots: list[int]) -> None:
+        raise RestartError("detect-only mode never stops the trainer")

@@ -11,32 +11,49 @@ trainer runs, the environment and working directory of its process tree's root a
 from /proc and kept, and every relaunch uses them. Where they cannot be read (another UID, no
 process seen since the sidecar started), the relaunch falls back to the container's own exec
 environment and the configured trainer working directory (the FluxGym root). The
-``relaunch_environment`` event says which was used.
+``relaunch_environment`` event says which was used. The context read is also kept in
+``<state dir>/launch.json`` (mode 0600: values can be secrets), so that a relaunch after a
+reboot, when no process of the run is left to read, is still the same launch.
+
+Each relaunch carries ``TRAINING_SIDECAR_LAUNCH=<token>`` in its environment, which tells
+the sidecar's own trainer from one the UI starts beside it (never two trainers), and when
+the trainer's processes vanish the container is asked whether it stopped or restarted under
+them: that is an interruption of the run (a recreate, a reboot), not a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import shlex
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from sidecar import events
+from sidecar.atomic_files import replace_atomically
 from sidecar.clients.docker_engine import DockerGateway
-from sidecar.clients.docker_errors import DockerError
+from sidecar.clients.docker_errors import ContainerNotFound, DockerError
 from sidecar.observe.trainer_processes import (
     LaunchContext,
     LaunchNotVisible,
     attempt_key,
     find_trainer_processes,
     launch_context,
+    launched_with,
     tree_root,
+    tree_roots,
 )
 from sidecar.restarters.base import RestartError, TrainerStatus
-from sidecar.restarters.signal import SignalRestarter
+from sidecar.restarters.signal import SignalRestarter, stop_trees
 from sidecar.run.paths import RunPaths
+
+# In the environment of every train.sh the sidecar launches: tells its own from the UI's.
+LAUNCH_MARKER = "TRAINING_SIDECAR_LAUNCH"
 
 
 class ExecRestarter:
@@ -45,6 +62,7 @@ class ExecRestarter:
     exits_with_run = False
     stop_before_rewrite = True
     relaunches = True
+    outlives_sidecar = False
 
     def __init__(
         self,
@@ -70,12 +88,19 @@ class ExecRestarter:
         self._launch: LaunchContext | None = None
         self._launch_attempt: str | None = None  # the attempt self._launch was read from
         self._launch_problem = "no training process seen since the sidecar started"
+        self._launch_file: Path | None = None
+        self._token: str | None = None  # LAUNCH_MARKER of the sidecar's latest relaunch
+        # The trainer container as it was while the watched trainer ran (id, start time).
+        self._container_then: tuple[str, str | None] | None = None
 
     def use_run(self, paths: RunPaths) -> None:
         """Relaunch this run: its paths as the trainer's container sees them."""
         self.script = paths.path_map.to_trainer(str(paths.train_script))
         self.workdir = str(paths.trainer_workdir)  # already the trainer's view in exec mode
         self.train_log = paths.path_map.to_trainer(str(paths.train_log))
+        self._launch_file = paths.state_dir / "launch.json"
+        if self._launch is None:
+            self._launch = _read_launch(self._launch_file)
 
     def start(self) -> None:
         """FluxGym's UI starts the first run; check now that the container can be reached."""
@@ -89,8 +114,18 @@ class ExecRestarter:
         if processes:
             attempt = attempt_key(processes)
             self._remember_launch(processes, attempt)
-            return TrainerStatus(running=True, attempt=attempt)
-        return TrainerStatus(running=False, exit_code=self._own_exit_code())
+            self._remember_container()
+            own, others = self._own_and_others(processes)
+            return TrainerStatus(running=True, attempt=attempt, own=own, others=others)
+        return TrainerStatus(
+            running=False,
+            exit_code=self._own_exit_code(),
+            went_with_container=self._container_went(),
+        )
+
+    def stop_trees(self, roots: list[int]) -> None:
+        """Stop the trainer trees rooted at ``roots`` (one of two trainers), nothing else."""
+        stop_trees(roots, self.kill_grace, self._log)
 
     def trainer_pids(self) -> list[int]:
         return self._processes.trainer_pids()
@@ -111,11 +146,56 @@ class ExecRestarter:
             if not target.running:
                 raise RestartError(f"container {target.name} is {target.status}, not running")
             environment, workdir = self._relaunch_context()
+            token = uuid.uuid4().hex
+            # Docker adds the exec's variables to the container's own: the marker always goes.
+            marked = {**(environment or {}), LAUNCH_MARKER: token}
             self._exec_id = self.gateway.exec_detached(
-                target.id, ["bash", "-c", command], workdir=workdir, environment=environment
+                target.id, ["bash", "-c", command], workdir=workdir, environment=marked
             )
+            self._token = token
         except DockerError as error:
             raise RestartError(str(error)) from error
+
+    def _own_and_others(
+        self, processes: list[psutil.Process]
+    ) -> tuple[int | None, tuple[int, ...]]:
+        """The root of the sidecar's own launch among the trees, and the roots of the others."""
+        roots = tree_roots(processes)
+        if self._token is None or len(roots) < 2:
+            own = roots[0].pid if roots and self._is_own(roots[0]) else None
+            return own, ()
+        own_roots = [root for root in roots if self._is_own(root)]
+        if not own_roots:
+            return None, ()
+        return own_roots[0].pid, tuple(root.pid for root in roots if root not in own_roots)
+
+    def _is_own(self, root: psutil.Process) -> bool:
+        return self._token is not None and bool(launched_with(root, LAUNCH_MARKER, self._token))
+
+    def _remember_container(self) -> None:
+        """Once per watched trainer: which container instance it runs in."""
+        if self._container_then is not None:
+            return
+        try:
+            target = self.gateway.find_container(self.container, project=self.project)
+        except DockerError:
+            return  # asked again at the next poll
+        if target.running:
+            self._container_then = (target.id, target.started_at)
+
+    def _container_went(self) -> bool:
+        """The trainer's processes are gone: did its container stop or restart under them?"""
+        then, self._container_then = self._container_then, None
+        if then is None:
+            return False
+        try:
+            target = self.gateway.find_container(self.container, project=self.project)
+        except ContainerNotFound:
+            return True  # removed with it (a recreate)
+        except DockerError as error:
+            self._container_then = then  # unknown yet: the next poll asks again
+            raise RestartError(str(error)) from error
+        return not target.running or (target.id, target.started_at) != then
 
     def _remember_launch(self, processes: list[psutil.Process], attempt: str | None) -> None:
         """Read the tree root's environment once per attempt (every poll would be wasted work)."""
@@ -125,11 +205,24 @@ class ExecRestarter:
         if root is None:
             return  # every process ended meanwhile: the next poll tries again
         try:
-            self._launch = launch_context(root)
+            launch = launch_context(root)
         except LaunchNotVisible as error:
             self._launch_problem = f"cannot read the environment of {error}"
             return
+        launch.environment.pop(LAUNCH_MARKER, None)  # the relaunch gets a token of its own
         self._launch_attempt = attempt
+        if self._launch != launch:
+            self._launch = launch
+            self._keep_launch(launch)
+
+    def _keep_launch(self, launch: LaunchContext) -> None:
+        """Keep the launch on the run's volume for a relaunch after a reboot (0600)."""
+        if self._launch_file is None:
+            return
+        record = {"pid": launch.pid, "workdir": launch.workdir, "environment": launch.environment}
+        with contextlib.suppress(OSError):  # a full volume costs only the after-reboot relaunch
+            self._launch_file.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(self._launch_file, json.dumps(record) + "\n", mode=0o600)
 
     def _relaunch_context(self) -> tuple[dict[str, str] | None, str]:
         """The environment (None: the container's exec default) and directory to relaunch in."""
@@ -162,3 +255,13 @@ class ExecRestarter:
             return self.gateway.exec_inspect(self._exec_id).exit_code
         except DockerError:
             return None
+
+
+def _read_launch(path: Path) -> LaunchContext | None:
+    """The launch kept by an earlier sidecar, if there is a readable one."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        environment = {str(k): str(v) for k, v in dict(record["environment"]).items()}
+        return LaunchContext(int(record["pid"]), environment, record.get("workdir"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

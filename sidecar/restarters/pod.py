@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sidecar import events
@@ -31,6 +32,7 @@ class PodRestarter:
     # once on the replacement, which must find the new --resume already in place.
     stop_before_rewrite = False
     relaunches = False
+    outlives_sidecar = True
 
     def __init__(
         self,
@@ -41,10 +43,13 @@ class PodRestarter:
         namespace: str,
         gateway: KubernetesGateway,
         log: Callable[..., Any] | None = None,
+        termination_file: Path | None = None,
     ):
         # Seeing and stopping the trainer's processes is signal mode's job; only the
         # restart differs.
-        self.processes = SignalRestarter(pattern=pattern, kill_grace=kill_grace, log=log)
+        self.processes = SignalRestarter(
+            pattern=pattern, kill_grace=kill_grace, log=log, termination_file=termination_file
+        )
         self.kill_grace = kill_grace
         self.pod_name = pod_name
         self.namespace = namespace
@@ -78,6 +83,9 @@ class PodRestarter:
 
     def stop(self) -> None:
         self.processes.stop()
+
+    def stop_trees(self, roots: list[int]) -> None:
+        self.processes.stop_trees(roots)
 
     def restart(self) -> None:
         """Delete our own pod; its controller replaces it and the group restarts.

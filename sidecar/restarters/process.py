@@ -28,6 +28,7 @@ from sidecar import events
 from sidecar.observe.process_tree import group_members, terminate_tree, tree_of
 from sidecar.observe.trainer_processes import script_runner
 from sidecar.restarters.base import RestartError, TrainerStatus
+from sidecar.restarters.signal import stop_trees
 from sidecar.run.lock import TrainerPidFile
 from sidecar.run.paths import RunPaths
 
@@ -40,6 +41,7 @@ class ProcessRestarter:
     exits_with_run = True
     stop_before_rewrite = True
     relaunches = True
+    outlives_sidecar = True
 
     def __init__(
         self,
@@ -74,9 +76,7 @@ class ProcessRestarter:
 
     def start(self) -> None:
         """Launch train.sh, or adopt the trainer a previous sidecar left running."""
-        survivor = self._pid_file.live_trainer() if self._pid_file else None
-        # Killed between launching and recording the pid: the running script still tells.
-        survivor = survivor or script_runner(str(self.train_script))
+        survivor = self._survivor()
         if survivor is not None:
             self._adopted = survivor
             self._log(
@@ -92,7 +92,21 @@ class ProcessRestarter:
         self.stop()
         self._launch_with_retries()
 
+    def stop_trees(self, roots: list[int]) -> None:
+        stop_trees(roots, self.kill_grace, self._log)
+
+    def _survivor(self) -> psutil.Process | None:
+        """A trainer of this script that an earlier sidecar launched and that still runs."""
+        survivor = self._pid_file.live_trainer() if self._pid_file else None
+        # Killed between launching and recording the pid: the running script still tells.
+        return survivor or script_runner(str(self.train_script))
+
     def status(self) -> TrainerStatus:
+        if self._process is None and self._adopted is None:
+            # Before the first launch: whether an earlier sidecar's trainer still runs.
+            survivor = self._survivor()
+            if survivor is not None:
+                return TrainerStatus(running=True, attempt=f"adopted {survivor.pid}")
         if self._adopted is not None:
             alive = _alive(self._adopted)
             return TrainerStatus(running=alive, attempt=f"adopted {self._adopted.pid}")

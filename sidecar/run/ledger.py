@@ -48,6 +48,19 @@ class Attempt:
 
 
 @dataclass
+class Interruption:
+    """The run stopped because the sidecar or the machine went away, not by its own fault."""
+
+    at: float  # wall clock: when it went away (after an unclean end: its last sign of life)
+    how: str  # sigterm | unclean | container_stopped
+    # The newest complete state then (its completion time): a streak of interruptions with
+    # no newer state in between is a machine that never lets the run progress.
+    newest_state_completed_at: float | None = None
+    resumed_at: float | None = None  # when a trainer of the run ran again
+    down_seconds: float | None = None
+
+
+@dataclass
 class Ledger:
     recoveries: list[Recovery] = field(default_factory=list)
     resume_failures: dict[str, int] = field(default_factory=dict)
@@ -68,6 +81,12 @@ class Ledger:
     run_digest: str | None = None
     run_started_at: float | None = None
     script_mtime_ns: int | None = None  # train.sh as the sidecar last wrote or saw it
+    # A trainer of this run ran under the sidecar's watch: still true at the next start, the
+    # sidecar (or the machine) went away without saying so.
+    supervising: bool = False
+    interruptions: list[Interruption] = field(default_factory=list)
+    consecutive_interruptions: int = 0  # in a row, with no newer complete state in between
+    abandoned: bool = False  # the user said: do not resume this run
 
     @property
     def restarts(self) -> int:
@@ -77,6 +96,41 @@ class Ledger:
         self.recoveries.append(
             Recovery(at=_utc_now(), reason=reason, kind=kind, checkpoint=checkpoint)
         )
+
+    @property
+    def interrupted(self) -> Interruption | None:
+        """The interruption the run has not come back from yet (None: none, or it ended)."""
+        if not self.interruptions or self.completed or self.gave_up or self.abandoned:
+            return None
+        last = self.interruptions[-1]
+        return last if last.resumed_at is None else None
+
+    @property
+    def state(self) -> str:
+        """One word for the run: abandoned, completed, gave_up, interrupted, watched or idle."""
+        if self.abandoned:
+            return "abandoned"
+        if self.completed:
+            return "completed"
+        if self.gave_up:
+            return "gave_up"
+        if self.interrupted is not None:
+            return "interrupted"
+        return "watched" if self.supervising else "idle"
+
+    def record_interruption(self, interruption: Interruption) -> None:
+        """Count ``interruption`` into the streak unless a newer state completed since the last."""
+        previous = self.interruptions[-1] if self.interruptions else None
+        progressed = previous is None or (
+            interruption.newest_state_completed_at is not None
+            and (
+                previous.newest_state_completed_at is None
+                or interruption.newest_state_completed_at > previous.newest_state_completed_at
+            )
+        )
+        self.consecutive_interruptions = 1 if progressed else self.consecutive_interruptions + 1
+        self.interruptions.append(interruption)
+        self.supervising = False
 
     def record_attempt(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
@@ -111,6 +165,7 @@ class Ledger:
         data.pop("version")
         data["recoveries"] = [Recovery(**item) for item in data.get("recoveries", [])]
         data["attempts"] = [Attempt(**item) for item in data.get("attempts", [])]
+        data["interruptions"] = [Interruption(**item) for item in data.get("interruptions", [])]
         return cls(**data)
 
 

@@ -14,12 +14,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sidecar.checkpoints.choice import newest_resumable
 from sidecar.observe.log_follower import tail_text
 from sidecar.observe.progress import TqdmBar
+from sidecar.run.abandon import AbandonMarker
 from sidecar.run.ledger import Ledger, LedgerStore
 from sidecar.run.paths import RunPaths
 from sidecar.surface.health import Heartbeat
@@ -43,7 +45,7 @@ class StatusReport:
     run: str
     train_script: str
     output_dir: str
-    phase: str  # completed | gave_up | training | quiet | not_started
+    phase: str  # completed | abandoned | gave_up | interrupted | training | quiet | not_started
     phase_detail: str
     sidecar_alive: bool
     sidecar_detail: str
@@ -56,6 +58,8 @@ class StatusReport:
     recoveries: list[dict[str, Any]]
     quarantined: list[str]
     incidents_dir: str
+    # Each time the sidecar or the machine went away while it trained, and how it came back.
+    interruptions: list[dict[str, Any]] = field(default_factory=list)
     incidents: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -79,7 +83,10 @@ def build_status_report(
     now = time.time() if now is None else now
     ledger = LedgerStore(paths.state_dir).load()
     log_age = _age(paths.train_log, now)
-    phase, detail = _phase(ledger, paths, log_age, stall_after)
+    abandoned = AbandonMarker(paths.state_dir).reason_for(ledger.run_started_at)
+    if abandoned is not None:
+        ledger.abandoned = True  # the running sidecar reads the marker at its next poll
+    phase, detail = _phase(ledger, paths, log_age, stall_after, abandoned)
     health = heartbeat.health(now)
     incidents_dir = paths.state_dir / INCIDENTS_FOLDER
     return StatusReport(
@@ -100,6 +107,7 @@ def build_status_report(
         quarantined=list(ledger.quarantined),
         incidents_dir=str(incidents_dir),
         incidents=[_bundle_summary(folder) for folder in reversed(list_bundles(incidents_dir))],
+        interruptions=[asdict(interruption) for interruption in ledger.interruptions],
     )
 
 
@@ -149,6 +157,7 @@ def render_text(report: StatusReport, now: float | None = None) -> str:
     lines.append(
         f"{'quarantined':<13}" + (", ".join(Path(p).name for p in report.quarantined) or "none")
     )
+    lines.append(_interruptions_text(report.interruptions))
     lines.append(f"{'incidents':<13}{len(report.incidents)} in {report.incidents_dir}")
     for incident in report.incidents:
         stacks = f", {incident['stacks']} stack dump(s)" if incident["stacks"] else ""
@@ -163,10 +172,23 @@ def render_text(report: StatusReport, now: float | None = None) -> str:
 
 
 def _phase(
-    ledger: Ledger, paths: RunPaths, log_age: float | None, stall_after: float
+    ledger: Ledger,
+    paths: RunPaths,
+    log_age: float | None,
+    stall_after: float,
+    abandoned: str | None = None,
 ) -> tuple[str, str]:
     if ledger.completed or paths.final_model_present():
         return "completed", "the final model is in the output folder"
+    if ledger.abandoned:
+        return "abandoned", f"not resumed and not recovered any more ({abandoned or 'abandoned'})"
+    interrupted = ledger.interrupted
+    if interrupted is not None:
+        when = datetime.fromtimestamp(interrupted.at, UTC).isoformat(timespec="seconds")
+        return "interrupted", (
+            f"the sidecar or the machine went away ({interrupted.how}) at {when}; the next "
+            "start resumes it from the newest complete state"
+        )
     if ledger.gave_up:
         last = ledger.recoveries[-1].reason if ledger.recoveries else "see the sidecar's log"
         return "gave_up", f"the sidecar gave up after {ledger.restarts} restart(s); last: {last}"
@@ -176,6 +198,22 @@ def _phase(
         return "training", f"last output {format_duration(log_age)} ago"
     return "quiet", (
         f"no output for {format_duration(log_age)} (a stall after {format_duration(stall_after)})"
+    )
+
+
+def _interruptions_text(interruptions: list[dict[str, Any]]) -> str:
+    if not interruptions:
+        return f"{'interrupted':<13}never"
+    resumed = [item for item in interruptions if item["resumed_at"] is not None]
+    last = interruptions[-1]
+    down = (
+        f", down {format_duration(last['down_seconds'])}"
+        if last["down_seconds"] is not None
+        else ", not resumed yet"
+    )
+    return (
+        f"{'interrupted':<13}{len(interruptions)} time(s), {len(resumed)} resumed after "
+        f"interruption (last: {last['how']}{down}); not counted as restarts"
     )
 
 

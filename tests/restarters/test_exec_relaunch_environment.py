@@ -27,7 +27,7 @@ from sidecar.observe.trainer_processes import (
     launch_environment,
     tree_root,
 )
-from sidecar.restarters.exec import ExecRestarter
+from sidecar.restarters.exec import LAUNCH_MARKER, ExecRestarter
 
 CONFIGURED_WORKDIR = "/configured/fluxgym"
 
@@ -234,9 +234,13 @@ def test_relaunch_uses_the_original_environment_and_keeps_it_for_later_relaunche
     restarter.restart()  # a second relaunch, with nothing of the original left to read
 
     assert len(gateway.execs) == 2
+    tokens = set()
     for sent in gateway.execs:
-        assert sent["environment"] == _expected(ui_environment)
+        environment = dict(sent["environment"])
+        tokens.add(environment.pop(LAUNCH_MARKER))  # tells the sidecar's launch from the UI's
+        assert environment == _expected(ui_environment)
         assert sent["workdir"] == str(run_root)
+    assert len(tokens) == 2, "each relaunch has a marker of its own"
     relaunches = [fields for event, fields in logged if event == events.RELAUNCH_ENVIRONMENT]
     assert [fields["environment"] for fields in relaunches] == ["original_process"] * 2
     assert relaunches[0]["source_pid"] == launched.pid
@@ -251,7 +255,9 @@ def test_a_trainer_stopped_before_any_poll_is_read_before_it_is_stopped(
     restarter = _restarter(gateway, _pattern(run_root), logged)
     _wait_for_both(restarter.pattern)
     restarter.restart()  # no status() first
-    assert gateway.execs[0]["environment"] == _expected(ui_environment)
+    environment = dict(gateway.execs[0]["environment"])
+    environment.pop(LAUNCH_MARKER)
+    assert environment == _expected(ui_environment)
 
 
 def test_without_a_visible_original_the_relaunch_falls_back_and_says_so(tmp_path: Path) -> None:
@@ -259,7 +265,8 @@ def test_without_a_visible_original_the_relaunch_falls_back_and_says_so(tmp_path
     restarter = _restarter(gateway, _pattern(tmp_path), logged)
     assert not restarter.status().running
     restarter.restart()
-    assert gateway.execs[0]["environment"] is None  # the container's exec environment
+    # The container's exec environment, plus only the marker of the sidecar's own launch.
+    assert list(gateway.execs[0]["environment"]) == [LAUNCH_MARKER]
     assert gateway.execs[0]["workdir"] == CONFIGURED_WORKDIR
     assert logged == [
         (

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sidecar.run.ledger import Attempt, Ledger, LedgerError, LedgerStore
+from sidecar.run.ledger import Attempt, Interruption, Ledger, LedgerError, LedgerStore
 
 
 def test_round_trip_keeps_budget_and_quarantine(tmp_path):
@@ -87,3 +87,49 @@ def test_the_attempt_that_wrote_a_state_is_the_last_launched_before_it():
     assert ledger.attempt_that_wrote(200.0) is second
     assert ledger.attempt_that_wrote(99.0) is None
     assert ledger.attempt_that_wrote(None) is None
+
+
+# -- interruptions ---------------------------------------------------------------------------
+
+
+def test_interruptions_round_trip_and_are_not_restarts(tmp_path):
+    store = LedgerStore(tmp_path)
+    ledger = Ledger(supervising=True)
+    ledger.record_interruption(
+        Interruption(at=100.0, how="sigterm", newest_state_completed_at=50.0)
+    )
+    store.save(ledger)
+    loaded = store.load()
+    assert loaded.restarts == 0
+    assert loaded.interruptions == [Interruption(100.0, "sigterm", 50.0)]
+    assert loaded.supervising is False  # recorded interruptions end the watch
+    assert loaded.state == "interrupted"
+    assert loaded.interrupted == Interruption(100.0, "sigterm", 50.0)
+
+
+def test_the_streak_counts_interruptions_with_no_newer_state_in_between():
+    ledger = Ledger()
+    for at, newest in [(1.0, None), (2.0, None), (3.0, 2.5), (4.0, 2.5), (5.0, 2.5)]:
+        ledger.record_interruption(
+            Interruption(at=at, how="unclean", newest_state_completed_at=newest)
+        )
+        ledger.interruptions[-1].resumed_at = at + 0.5
+    # 1 (first), 2 (nothing new), 1 (a state completed at 2.5), 2, 3.
+    assert ledger.consecutive_interruptions == 3
+    assert ledger.interrupted is None  # the last one was resumed
+    assert ledger.state == "idle"
+
+
+def test_an_ended_run_is_not_interrupted():
+    for end in ("completed", "gave_up", "abandoned"):
+        ledger = Ledger()
+        ledger.record_interruption(Interruption(at=1.0, how="unclean"))
+        setattr(ledger, end, True)
+        assert ledger.interrupted is None
+        assert ledger.state == end
+
+
+def test_a_version_2_ledger_without_interruption_keys_still_loads():
+    old = {"version": 2, "recoveries": [], "completed": False}
+    ledger = Ledger.from_json(json.dumps(old))
+    assert (ledger.interruptions, ledger.supervising, ledger.abandoned) == ([], False, False)

@@ -101,8 +101,9 @@ def test_status_tells_the_story_in_a_terminal(fluxgym):
     assert lines[7].endswith("stall  no progress for 902 s (stall timeout 900 s) -> from scratch")
     assert lines[8].endswith("crash  trainer exited with code 7 -> my-lora-step00000110-state")
     assert lines[9] == "quarantined  my-lora-step00000118-state"
-    assert lines[10].startswith("incidents    1 in ") and lines[10].endswith("incidents")
-    assert "stall  no progress for 902 s" in lines[11]
+    assert lines[10] == "interrupted  never"
+    assert lines[11].startswith("incidents    1 in ") and lines[11].endswith("incidents")
+    assert "stall  no progress for 902 s" in lines[12]
 
 
 def test_status_json_has_the_same_facts(fluxgym):
