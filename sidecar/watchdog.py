@@ -258,7 +258,8 @@ class Watchdog:
                 self.log.error(
                     events.RESTART_FAILED,
                     reason="the trainer did not come back within the startup grace; check its "
-                    "container's restart policy (it must restart after its processes are killed)",
+                    "container's restart policy (it must restart after its processes are "
+                    "killed), or that the pod's controller replaces a failed pod",
                 )
             return
         if status.attempt == self._attempt_key:
@@ -382,11 +383,14 @@ class Watchdog:
         ):
             return EXIT_COMPLETED  # abandoned, or resuming turned off: nothing is started
         run.observer.mark_launch()
+        survivor = bool(status and status.running)
         launch = launch_first(
             run,
             restarter=self.restarter,
             recovery=self.recovery,
-            settle=self.options.checkpoint_settle,
+            # With no trainer left nothing is being written: a state is as complete as it
+            # will get (the file checks still judge it), so the newest one counts at once.
+            settle=self.options.checkpoint_settle if survivor else 0.0,
             wall=self.clocks.wall(),
             log=self.log,
         )
@@ -423,7 +427,7 @@ class Watchdog:
     def _interrupted(self, how: str, wall: float) -> None:
         """The watched attempt ends because the sidecar or its trainer's container goes."""
         assert self._run is not None
-        self.interruptions.record(self._run, how, at=wall)
+        self.interruptions.record(self._run, how, at=wall, trainer_gone=how == "container_stopped")
         self._forget_attempt()
 
     def _relaunch_interrupted(self, status: TrainerStatus | None, wall: float) -> None:
@@ -577,6 +581,8 @@ class Watchdog:
     def _run_over(self, code: int) -> int | None:
         """Process mode ends with the run; container modes idle until the next one."""
         if self.restarter.acts and self.restarter.exits_with_run:
+            if self._run is not None:
+                self._run.set_supervising(False)  # it ended: nothing to infer at the next start
             return code
         self._forget_attempt()
         return None
@@ -602,13 +608,25 @@ class Watchdog:
                 self._interrupted("sigterm", self.clocks.wall())
             elif status is not None and status.went_with_container:
                 self._interrupted("container_stopped", self.clocks.wall())
+            elif status is not None and not self._finished(status):
+                # It ended by itself just before the stop, too late for a verdict (the kubelet
+                # stops a native sidecar right after a crashed trainer): still the run's own
+                # failure, counted and pointed at the newest state for whoever restarts it.
+                self.recovery.charge_crash(self._run.record, self._run.pointer, self.clocks.wall())
+                self._forget_attempt()
             else:
-                self._forget_attempt()  # it ended by itself just before: nothing interrupted
+                self._forget_attempt()
         if not (self.restarter.acts and self.restarter.exits_with_run):
             return  # only a trainer we launched ourselves is ours to stop
         status = self.visibility.status()
         if status is not None and status.running:
             self._stop_trainer("sidecar shutting down")
+
+    def _finished(self, status: TrainerStatus) -> bool:
+        """An ended trainer that completed (exit 0, or this run's final model is there)."""
+        assert self._run is not None
+        since = self._run.record.ledger.run_started_at
+        return status.exit_code == 0 or self._run.paths.final_model_present(since=since)
 
     def _stop_trainer(self, reason: str) -> None:
         self.log.info(events.STOPPING_TRAINER, reason=reason)

@@ -291,6 +291,8 @@ class WatchedRun:
         return max(times) if times else None
 
     def set_supervising(self, supervising: bool) -> None:
+        if supervising:
+            self.touch_alive()  # the watch begins: its first sign of life
         ledger = self.record.ledger
         if ledger.supervising != supervising:
             ledger.supervising = supervising

@@ -27,9 +27,22 @@ class Interruptions:
         self.log = log
         self.started_at = started_at  # wall clock of the sidecar's start
 
-    def record(self, run: WatchedRun, how: str, *, at: float, inferred: bool = False) -> None:
-        """The run stops (or stopped, ``inferred``) because the sidecar or the machine went."""
+    def record(
+        self,
+        run: WatchedRun,
+        how: str,
+        *,
+        at: float,
+        inferred: bool = False,
+        trainer_gone: bool = False,
+    ) -> None:
+        """The run stops (or stopped, ``inferred``) because the sidecar or the machine went.
+
+        ``trainer_gone``: no trainer writes any more, so train.sh is pointed at the newest
+        state now, for whoever starts it next (a replacement pod's trainer)."""
         ledger = run.record.ledger
+        if trainer_gone:
+            run.pointer.keep_current(ledger, now=at, settle=0.0)
         newest = run.pointer.newest(ledger, now=at, settle=0.0)
         ledger.record_interruption(
             Interruption(
@@ -63,13 +76,15 @@ class Interruptions:
         """
         ledger = run.record.ledger
         run.check_abandoned(self.log)
-        if ledger.supervising and ledger.interrupted is None and not _ended(ledger):
+        # An abandoned run can be interrupted too (and is then left alone, saying so).
+        unresumed = ledger.interruptions and ledger.interruptions[-1].resumed_at is None
+        if ledger.supervising and not unresumed and not (ledger.completed or ledger.gave_up):
             if trainer_running and survivor:
                 ledger.supervising = False  # the trainer outlived the sidecar: nothing stopped
                 run.record.save()
                 return None
             # Still watching when it went: no clean exit recorded it (SIGKILL, power, a crash).
-            self.record(run, "unclean", at=run.last_sign_of_life() or wall, inferred=True)
+            self.record(run, "unclean", at=_went_at(run, wall), inferred=True, trainer_gone=True)
         last = ledger.interruptions[-1] if ledger.interruptions else None
         if last is None or last.resumed_at is not None or ledger.gave_up:
             return None  # not interrupted, or already back, or given up before
@@ -84,6 +99,10 @@ class Interruptions:
             consecutive=ledger.consecutive_interruptions,
             max_interruptions=self.options.max_in_a_row,
         )
+        if plan.plan is Plan.AWAIT_TRAINER and not trainer_running:
+            # The orchestrator starts it (a replacement pod's trainer, after this sidecar's
+            # startup probe): from the newest state, also one completed just before the end.
+            run.pointer.keep_current(ledger, now=wall, settle=0.0)
         if plan.plan is Plan.LEAVE:
             self.log.info(
                 events.INTERRUPTION_NOT_RESUMED,
@@ -115,8 +134,16 @@ class Interruptions:
         )
 
 
-def _ended(ledger: Any) -> bool:
-    return bool(ledger.completed or ledger.gave_up or ledger.abandoned)
+def _went_at(run: WatchedRun, wall: float) -> float:
+    """When an unclean end happened, as near as the volume tells: the run's last sign of life,
+    never before its last attempt began (it died before leaving any), never after now."""
+    ledger = run.record.ledger
+    floor = max(
+        [attempt.launched_at for attempt in ledger.attempts[-1:]]
+        + [i.resumed_at for i in ledger.interruptions[-1:] if i.resumed_at is not None],
+        default=0.0,
+    )
+    return min(wall, max(run.last_sign_of_life() or floor, floor))
 
 
 def _iso(wall: float) -> str:

@@ -107,6 +107,20 @@ class Recovery:
             return Outcome(OutcomeKind.LEFT_TO_RUNTIME, choice.path)
         return Outcome(OutcomeKind.RESTARTED, choice.path)
 
+    def charge_crash(self, record: RunRecord, pointer: ResumePointer, wall: float) -> None:
+        """A trainer that exited by itself just before the sidecar was stopped: count it as
+        the crash recovery it would have been, and point train.sh for the next start."""
+        try:
+            choice = pointer.choose_and_point(record.ledger, now=wall, settle=0.0)
+        except (NoCheckpointLeft, LaunchScriptError, OSError) as error:
+            self.log.error(events.RESTART_FAILED, reason=str(error))
+            return
+        record.ledger = choice.ledger
+        reason = "the trainer exited just before the sidecar was stopped"
+        record.ledger.record_recovery("crash", reason, choice.path)
+        record.save()
+        self.log.warning(events.TRAINER_CRASHED, reason=reason, checkpoint=choice.path)
+
     def give_up(self, record: RunRecord, reason: str) -> Outcome:
         record.ledger.gave_up = True
         record.save()
