@@ -37,6 +37,7 @@ from sidecar.clients.kubernetes_api import KubernetesGateway, KubernetesUnavaila
 from sidecar.config import ConfigError, Settings, load_settings
 from sidecar.restarters import RestartError
 from sidecar.restarters.pod import PodRestarter
+from sidecar.simulator import read_lineage, uninterrupted_lineage
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.trainers.sd_scripts.train_script import parse_train_script
 from sidecar.wiring import build_restarter
@@ -485,3 +486,252 @@ def test_stall_deletes_the_pod_and_the_replacement_resumes(pod_scene: PodScene):
     log = (scene.tree.output_dir / "train.log").read_text()
     assert "resuming from" in log and "my-lora-step00000018-state" in log
     assert len(scene.api.deletes()) == 1, "a healthy run is never restarted"
+
+
+# --- a preemption: the kubelet stops the pod, the Job replaces it ----------------------------
+
+# train.sh hangs (idle) at step 20 in its first run: the run then stands still on the state of
+# step 18, and train.sh points --resume at it, so that the pod is taken away at a known
+# position. The stall timeout is long enough never to fire meanwhile.
+PREEMPTED_FAULTS = "hang_idle@step=20:once"
+NEWEST_STATE = "my-lora-step00000018-state"
+STEPS_PER_EPOCH = int(FAST_SIMULATION["SIM_STEPS_PER_EPOCH"])
+EPOCHS = 16  # the fixture's max_train_epochs
+
+
+class PreemptionScene(PodScene):
+    """Pods as the Job runs them with restartPolicy Never: the sidecar starts first; once it
+    has polled (its heartbeat: the native sidecar's startup probe) the trainer container runs
+    train.sh once, restarted by nothing. Each pod has its own pod-lifecycle folder (the emptyDir
+    of k8s/base/job.yaml) for SIDECAR_TERMINATION_FILE and the heartbeat; the outputs folder,
+    train.sh and the ledger are the shared volume's. The test plays the kubelet."""
+
+    def __init__(self, root: Path, api: FakeKubeApi, kubeconfig: Path, mode: str):
+        super().__init__(root, api, kubeconfig)
+        self.mode = mode
+        self.lifecycle = root / "pod-lifecycle"  # the current pod's, once one started
+        self.stall_timeout = "60s"
+
+    @property
+    def termination_file(self) -> Path:
+        return self.lifecycle / "terminating"
+
+    def start_pod(self, name: str, faults: str) -> None:
+        self.api.pods.add((NAMESPACE, name))
+        self.lifecycle = self.root / f"pod-lifecycle-{name}"  # a fresh emptyDir
+        self.lifecycle.mkdir()
+        environment = {
+            **os.environ,
+            **FAST_SETTINGS,
+            "SIDECAR_RESTART_MODE": self.mode,
+            "SIDECAR_TRAINER_PATTERN": tree_pattern(self.tree),
+            "SIDECAR_TRAIN_SCRIPT": str(self.tree.train_script),
+            "SIDECAR_HEARTBEAT_FILE": str(self.lifecycle / "heartbeat"),
+            "SIDECAR_TERMINATION_FILE": str(self.termination_file),
+            "SIDECAR_CHECKPOINT_SETTLE": "0.3s",
+            "SIDECAR_STALL_TIMEOUT": self.stall_timeout,
+            "KUBECONFIG": str(self.kubeconfig),
+        }
+        if self.mode == "pod":
+            environment |= {"SIDECAR_POD_NAME": name, "SIDECAR_POD_NAMESPACE": NAMESPACE}
+        environment.pop("KUBERNETES_SERVICE_HOST", None)
+        self.sidecar = spawn_sidecar(environment)
+        self.events = []
+        self._lines = queue.Queue()
+        threading.Thread(
+            target=self._read_events, args=(self.sidecar.stdout, self._lines), daemon=True
+        ).start()
+        deadline = time.monotonic() + 30
+        while not (self.lifecycle / "heartbeat").exists():
+            assert self.sidecar.poll() is None, f"the sidecar ended with {self.sidecar.poll()}"
+            assert time.monotonic() < deadline, "the sidecar never polled"
+            time.sleep(0.05)
+        # The trainer container: its wrapper's child `bash train.sh`, in a group of its own.
+        simulation = {**FAST_SIMULATION, "SIM_FAULTS": faults}
+        with (self.tree.output_dir / "train.log").open("ab") as log:
+            self.runtime = subprocess.Popen(
+                self.tree.command,
+                cwd=self.tree.root,
+                env=self.tree.env(simulation),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+
+    def wait_until_resume_points_at(self, state: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            resume = parse_train_script(self.tree.train_script.read_text()).resume
+            if resume is not None and resume.endswith(state):
+                return
+            assert time.monotonic() < deadline, f"train.sh still resumes from {resume}"
+            assert self.runtime is not None and self.runtime.poll() is None
+            time.sleep(0.05)
+
+    def stop_trainer(self, *, disruption: bool) -> None:
+        """The kubelet stopping the trainer container: on a disruption its wrapper first
+        creates the termination file; then train.sh's group gets SIGTERM, and the container
+        ends once every process of it is gone."""
+        assert self.runtime is not None
+        if disruption:
+            self.termination_file.touch()
+        os.killpg(self.runtime.pid, signal.SIGTERM)
+        assert self.runtime.wait(timeout=15) == -signal.SIGTERM
+        deadline = time.monotonic() + 15
+        while _session_alive(self.runtime.pid):
+            assert time.monotonic() < deadline, "train.sh's processes outlived SIGTERM"
+            time.sleep(0.02)
+
+    def stop_sidecar(self) -> int:
+        """The kubelet stopping the native sidecar, after the trainer: its exit code."""
+        assert self.sidecar is not None
+        self.sidecar.send_signal(signal.SIGTERM)
+        code = self.sidecar.wait(timeout=15)
+        while (event := self._lines.get(timeout=5)) is not None:
+            self.events.append(event)
+        return code
+
+    def ledger(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(
+            (self.tree.output_dir / ".sidecar" / "state.json").read_text()
+        )
+        return data
+
+
+def _session_alive(session: int) -> bool:
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
+
+
+@pytest.fixture(params=["pod", "signal"])
+def preemption_scene(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PreemptionScene]:
+    api = FakeKubeApi().start()
+    scene = PreemptionScene(
+        tmp_path, api, api.write_kubeconfig(tmp_path / "kubeconfig"), mode=request.param
+    )
+    yield scene
+    scene.close()
+    api.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sidecar_stopped", ["at_once", "after_its_poll"])
+def test_preempted_pod_is_an_interruption_and_the_replacement_resumes_uncharged(
+    preemption_scene: PreemptionScene, sidecar_stopped: str
+):
+    """A preemption (or eviction, drain) of a pod whose trainer is training: the kubelet stops
+    the trainer first, its wrapper having created the termination file, then the native
+    sidecar (at once, or after its poll saw the trainer gone). The sidecar records an
+    interruption (how "container_stopped"), no crash and no stall; the replacement pod's
+    sidecar takes the new trainer for the run coming back (by "trainer"), charging nothing to
+    the restart budget, and the run completes from the newest state at the exact position."""
+    scene = preemption_scene
+    scene.start_pod("fluxgym-train-first", PREEMPTED_FAULTS)
+    scene.wait_for("training_progressing")
+    scene.wait_until_resume_points_at(NEWEST_STATE)
+    scene.stop_trainer(disruption=True)
+    if sidecar_stopped == "after_its_poll":
+        scene.wait_for("run_interrupted")
+    assert scene.stop_sidecar() == 128 + signal.SIGTERM
+    (interrupted,) = [e for e in scene.events if e["event"] == "run_interrupted"]
+    assert interrupted["how"] == "container_stopped"
+    assert interrupted["inferred"] is False
+    assert interrupted["newest_state"] == str(scene.tree.output_dir / NEWEST_STATE)
+    names = scene.names()
+    assert not {"trainer_crashed", "stall_detected", "pod_deleting"} & set(names), names
+    ledger = scene.ledger()
+    assert ledger["recoveries"] == [] and ledger["supervising"] is False
+    (interruption,) = ledger["interruptions"]
+    assert interruption["how"] == "container_stopped" and interruption["resumed_at"] is None
+    assert not scene.api.deletes()
+
+    scene.start_pod("fluxgym-train-second", PREEMPTED_FAULTS)
+    resumed = scene.wait_for("run_resumed_after_interruption")
+    assert resumed["by"] == "trainer" and resumed["how"] == "container_stopped"
+    assert resumed["down_seconds"] >= 0
+    assert resumed["checkpoint"] == str(scene.tree.output_dir / NEWEST_STATE)
+    scene.wait_for("training_completed", timeout=90)
+    assert scene.runtime is not None and scene.runtime.wait(timeout=30) == 0
+    assert scene.stop_sidecar() == 128 + signal.SIGTERM
+    assert not {"trainer_crashed", "stall_detected", "run_interrupted"} & set(scene.names())
+    log = (scene.tree.output_dir / "train.log").read_text()
+    assert f"resuming from {scene.tree.output_dir / NEWEST_STATE}" in log
+    final = scene.tree.output_dir / "my-lora.safetensors"
+    assert read_lineage(final) == uninterrupted_lineage(STEPS_PER_EPOCH, EPOCHS), (
+        "a batch lost or trained twice: the replacement did not resume at the exact position"
+    )
+    ledger = scene.ledger()
+    assert ledger["recoveries"] == [], "an interruption is never charged to the restart budget"
+    (interruption,) = ledger["interruptions"]
+    assert interruption["resumed_at"] is not None
+    assert interruption["down_seconds"] == resumed["down_seconds"]
+    assert ledger["completed"] is True
+    assert not scene.api.deletes()
+
+
+@pytest.mark.slow
+def test_trainer_gone_without_the_termination_file_is_a_crash_and_charged(
+    preemption_scene: PreemptionScene,
+):
+    """The control: the same end of the trainer without the file (no disruption: it died by
+    itself) is a crash. The sidecar records it (trainer_crashed, one recovery, no
+    interruption) and leaves the restart to the Job; the replacement pod resumes the run."""
+    scene = preemption_scene
+    scene.start_pod("fluxgym-train-first", PREEMPTED_FAULTS)
+    scene.wait_for("training_progressing")
+    scene.wait_until_resume_points_at(NEWEST_STATE)
+    scene.stop_trainer(disruption=False)
+    scene.wait_for("trainer_crashed")
+    assert scene.stop_sidecar() == 128 + signal.SIGTERM
+    assert "run_interrupted" not in scene.names()
+    ledger = scene.ledger()
+    (recovery,) = ledger["recoveries"]
+    assert recovery["kind"] == "crash"
+    assert ledger["interruptions"] == []
+    assert not scene.api.deletes(), "a crash is the Job's to restart: no DELETE"
+
+    scene.start_pod("fluxgym-train-second", PREEMPTED_FAULTS)
+    scene.wait_for("training_completed", timeout=90)
+    assert scene.runtime is not None and scene.runtime.wait(timeout=30) == 0
+    assert scene.stop_sidecar() == 128 + signal.SIGTERM
+    assert "run_resumed_after_interruption" not in scene.names()
+    log = (scene.tree.output_dir / "train.log").read_text()
+    assert f"resuming from {scene.tree.output_dir / NEWEST_STATE}" in log
+    ledger = scene.ledger()
+    assert len(ledger["recoveries"]) == 1 and ledger["interruptions"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preemption_scene", ["pod"], indirect=True)
+def test_pod_modes_own_delete_stays_a_recovery_though_the_wrapper_marks_the_stop(
+    preemption_scene: PreemptionScene,
+):
+    """Pod mode's DELETE makes the kubelet stop the pod as a preemption does: the trainer's
+    wrapper cannot tell the two apart and creates the termination file. The sidecar had ended
+    its watch with the recovery, so that stop is no interruption: one recovery (the stall),
+    nothing resumed after an interruption in the replacement pod."""
+    scene = preemption_scene
+    scene.stall_timeout = FAST_SETTINGS["SIDECAR_STALL_TIMEOUT"]
+    scene.start_pod("fluxgym-train-first", PREEMPTED_FAULTS)
+    scene.wait_for("stall_detected")
+    scene.wait_for("pod_deleted")
+    scene.stop_trainer(disruption=True)
+    assert scene.stop_sidecar() == 128 + signal.SIGTERM
+    assert "run_interrupted" not in scene.names()
+    ledger = scene.ledger()
+    assert [r["kind"] for r in ledger["recoveries"]] == ["stall"]
+    assert ledger["interruptions"] == []
+
+    scene.start_pod("fluxgym-train-second", PREEMPTED_FAULTS)
+    scene.wait_for("training_completed", timeout=90)
+    assert scene.runtime is not None and scene.runtime.wait(timeout=30) == 0
+    assert scene.stop_sidecar() == 128 + signal.SIGTERM
+    assert "run_resumed_after_interruption" not in scene.names()
+    log = (scene.tree.output_dir / "train.log").read_text()
+    assert f"resuming from {scene.tree.output_dir / NEWEST_STATE}" in log
+    assert len(scene.ledger()["recoveries"]) == 1 and len(scene.api.deletes()) == 1

@@ -1,9 +1,10 @@
 """Signal mode without Docker: a shared process table and a restart policy stand-in.
 
-The sidecar may only signal processes; a supervisor process plays the container
-runtime's on-failure restart policy. What Kubernetes relies on is exercised for
-real: the sidecar kills the trainer's processes, the "runtime" starts train.sh
-again, and train.sh already points at the newest complete checkpoint.
+The sidecar may only signal processes; a supervisor process plays whatever starts the
+trainer again: a container runtime's on-failure restart policy, or the Kubernetes Job that
+replaces the failed pod (restartPolicy Never). What both rely on is exercised for real: the
+sidecar kills the trainer's processes, the "runtime" starts train.sh again, and train.sh
+already points at the newest complete checkpoint.
 """
 
 from __future__ import annotations
