@@ -84,7 +84,14 @@ class Interruptions:
                 run.record.save()
                 return None
             # Still watching when it went: no clean exit recorded it (SIGKILL, power, a crash).
-            self.record(run, "unclean", at=_went_at(run, wall), inferred=True, trainer_gone=True)
+            # A trainer running now is a new start (it reads train.sh): leave train.sh alone.
+            self.record(
+                run,
+                "unclean",
+                at=_went_at(run, wall),
+                inferred=True,
+                trainer_gone=not trainer_running,
+            )
         last = ledger.interruptions[-1] if ledger.interruptions else None
         if last is None or last.resumed_at is not None or ledger.gave_up:
             return None  # not interrupted, or already back, or given up before

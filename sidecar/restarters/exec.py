@@ -116,6 +116,10 @@ class ExecRestarter:
             self._remember_launch(processes, attempt)
             self._remember_container()
             own, others = self._own_and_others(processes)
+            if own is None and self._token is not None:
+                # Only someone else's trainer runs (the UI's Start): the exit code to report
+                # when it ends is not that of the sidecar's last launch.
+                self._exec_id = self._token = None
             return TrainerStatus(running=True, attempt=attempt, own=own, others=others)
         return TrainerStatus(
             running=False,
@@ -125,7 +129,17 @@ class ExecRestarter:
 
     def stop_trees(self, roots: list[int]) -> None:
         """Stop the trainer trees rooted at ``roots`` (one of two trainers), nothing else."""
+        own = [root for root in roots if self._is_own_pid(root)]
         stop_trees(roots, self.kill_grace, self._log)
+        if own:
+            # The trainer watched from now on is not the sidecar's: its exit code is unknown.
+            self._exec_id = self._token = None
+
+    def _is_own_pid(self, pid: int) -> bool:
+        try:
+            return self._is_own(psutil.Process(pid))
+        except psutil.Error:
+            return False
 
     def trainer_pids(self) -> list[int]:
         return self._processes.trainer_pids()
