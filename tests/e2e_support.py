@@ -459,6 +459,12 @@ class Scene:
         lines.append(f"train.log tail:\n{self.train_log()[-1500:]}")
         return "\n".join(lines)
 
+    # -- added for the interruption tests ----------------------------------------------------
+
+    def compose(self, *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`docker compose <arguments>` on this project (`exec -T sidecar ...`, say)."""
+        return self._compose_run(*arguments, timeout=timeout)
+
 
 @contextlib.contextmanager
 def open_scene(folder: Path, test_name: str) -> Iterator[Scene]:
