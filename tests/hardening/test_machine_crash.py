@@ -37,6 +37,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,16 @@ def test_repeated_machine_crashes_resume_by_themselves_and_lose_nothing(tmp_path
         census.stop()
         stop_leftovers(tree, sidecars)
     print(f"{time.monotonic() - started:.1f} s, {census.samples} census samples")
+    for number, sidecar in enumerate(sidecars[1:], start=1):
+        resumed = sidecar.named("run_resumed_after_interruption")
+        stepping = sidecar.named("training_progressing")
+        if resumed and stepping:
+            began = datetime.fromisoformat(sidecar.named("sidecar_started")[0]["timestamp"])
+            first = datetime.fromisoformat(stepping[0]["timestamp"])
+            print(
+                f"start {number}: down {resumed[0]['down_seconds']:.2f} s, sidecar start -> "
+                f"first resumed step {(first - began).total_seconds():.2f} s"
+            )
 
     assert exit_code == 0, final.describe()
     assert final.named("training_completed"), final.describe()

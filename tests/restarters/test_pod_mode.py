@@ -654,6 +654,7 @@ def test_preempted_pod_is_an_interruption_and_the_replacement_resumes_uncharged(
     resumed = scene.wait_for("run_resumed_after_interruption")
     assert resumed["by"] == "trainer" and resumed["how"] == "container_stopped"
     assert resumed["down_seconds"] >= 0
+    print(f"\n[pod] {scene.mode} preemption: down {resumed['down_seconds']:.2f} s")
     assert resumed["checkpoint"] == str(scene.tree.output_dir / NEWEST_STATE)
     scene.wait_for("training_completed", timeout=90)
     assert scene.runtime is not None and scene.runtime.wait(timeout=30) == 0
