@@ -240,10 +240,16 @@ def test_restarted_sidecar_adopts_its_running_trainer_instead_of_starting_a_seco
     first = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "run"], env=env, stdout=subprocess.PIPE, text=True
     )
+    # The trainer's processes once they settled: while bash forks, a child that has not
+    # exec'd yet shows bash's command line too, and is gone a moment later.
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not simulator_processes(fluxgym):
-        time.sleep(0.1)
-    trainers = {p.pid for p in simulator_processes(fluxgym)}
+    trainers: set[int] = set()
+    while time.monotonic() < deadline:
+        seen = {p.pid for p in simulator_processes(fluxgym)}
+        if seen and seen == trainers:
+            break
+        trainers = seen
+        time.sleep(0.5)
     assert trainers, "trainer never started"
     first.kill()  # SIGKILL: no chance to stop its trainer
     first.communicate()
