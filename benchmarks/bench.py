@@ -41,6 +41,9 @@ from sidecar.simulator.file_formats import safetensors_bytes, torch_archive_byte
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.simulator.harness import FAST_SETTINGS, event_time, run_sidecar
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import section_replay
+
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.2
 STALL = 2.0
@@ -265,6 +268,45 @@ def adaptive_rows(scratch: Path) -> list[Row]:
     ]
 
 
+# -- section-aware detection (replayed) -----------------------------------------------------
+
+
+def section_rows(seeds: int) -> list[Row]:
+    """Hangs in each section of four FluxGym-like cadences, replayed on a virtual clock through
+    the real section reader and decision (benchmarks/section_replay.py), against the previous
+    section-blind auto and the previous fixed default."""
+    results = section_replay.measure(seeds)
+    default, blind, fixed = section_replay.POLICIES
+    by = {(r.policy, r.section): r for r in results}
+    some = results[0].section
+    healthy = by[(default, some)].healthy_runs
+    rows = [
+        Row(
+            "sections: false verdicts, healthy runs",
+            f"{by[(default, some)].false_verdicts} of {healthy} (previous auto: "
+            f"{by[(blind, some)].false_verdicts}, fixed: {by[(fixed, some)].false_verdicts})",
+            "0",
+            None if by[(default, some)].false_verdicts == 0 else 2.0,
+        )
+    ]
+    for section in sorted({r.section for r in results}, key=list(section_replay.Section).index):
+        mine = by[(default, section)]
+        median = statistics.median(mine.detections)
+        worst = max(mine.over_bound)
+        versus = statistics.median(by[(fixed, section)].detections)
+        was = statistics.median(by[(blind, section)].detections)
+        rows.append(
+            Row(
+                f"sections: hang in {section.value} (median)",
+                f"{median:.0f} s; prev auto {was:.0f} s ({median / was:.2f}), "
+                f"fixed {versus:.0f} s ({median / versus:.2f})",
+                "<= its bound + 1 poll",
+                worst / (1 + section_replay.POLL / 60.0),
+            )
+        )
+    return rows
+
+
 # -- footprint -------------------------------------------------------------------------------
 
 
@@ -449,6 +491,7 @@ def main() -> int:
         if not arguments.quick:  # two runs of a minute each; unit tests cover it in CI
             rows += adaptive_rows(scratch)
         rows += lost_work_rows(scratch)
+        rows += section_rows(2 if arguments.quick else 5)
         rows += footprint_rows(scratch, window)
     print(
         f"training-sidecar benchmarks ({'quick' if arguments.quick else 'full'}; "

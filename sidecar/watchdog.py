@@ -19,6 +19,7 @@ from sidecar.decide import decision
 from sidecar.decide.decision import Phase, RunState, Verdict, VerdictKind
 from sidecar.decide.interruption import Plan
 from sidecar.decide.recovery_rules import rearm_after_stall, restart_overdue
+from sidecar.decide.sections import SectionCadence
 from sidecar.loop_options import Clocks, LoopOptions
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.process_tree import usage_figures
@@ -93,6 +94,7 @@ class Watchdog:
         self._run: WatchedRun | None = None
         self.attempt: RunState | None = None  # None: no trainer being watched (idle)
         self._cadence = decision.Cadence()  # learned by the attempts of the current run
+        self._sections = SectionCadence()  # the same, per section
         self._attempt_key: str | None = None
         self._pending_recovery: Verdict | None = None  # a recovery to retry (e.g. disk full)
         self._restart_due_by: float | None = None  # left to the runtime: back by then
@@ -202,7 +204,7 @@ class Watchdog:
         )
         if not self.restarter.acts and rearm_after_stall(self.attempt, seen):
             self.log.info(events.PROGRESS_RESUMED, last_step=seen.step)
-            self.attempt = decision.started(seen.now, self.attempt.cadence)
+            self.attempt = decision.started(seen.now, self.attempt.cadence, self.attempt.sections)
         before = self.attempt.phase
         self.attempt, verdict = decision.advance(self.attempt, seen, self.policy)
         if before is Phase.STARTING and self.attempt.phase is Phase.RUNNING:
@@ -285,6 +287,7 @@ class Watchdog:
 
     def _select_run(self, paths: RunPaths | None) -> None:
         self._cadence = decision.Cadence()  # another run steps at its own pace
+        self._sections = SectionCadence()
         if paths is None:
             self._run = None
             return
@@ -324,7 +327,8 @@ class Watchdog:
         self._run.begin_attempt(wall=self.clocks.wall(), by_sidecar=source == "sidecar")
         # The run's cadence outlives one attempt: a restart does not change how it steps.
         learned = self.attempt.cadence if self.attempt else self._cadence
-        self.attempt = decision.started(self.clocks.monotonic(), learned)
+        sections = self.attempt.sections if self.attempt else self._sections
+        self.attempt = decision.started(self.clocks.monotonic(), learned, sections)
         self._attempt_key = key
         if self.restarter.acts:
             self._run.set_supervising(True)
@@ -350,7 +354,7 @@ class Watchdog:
 
     def _forget_attempt(self) -> None:
         if self.attempt is not None:
-            self._cadence = self.attempt.cadence
+            self._cadence, self._sections = self.attempt.cadence, self.attempt.sections
         self.attempt = None
         if self._run is not None:
             self._run.set_supervising(False)

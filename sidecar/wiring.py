@@ -11,10 +11,10 @@ import threading
 from typing import Any
 
 from sidecar.config import Settings
-from sidecar.decide.cadence import AdaptiveTimeout
 from sidecar.decide.decision import Policy
 from sidecar.decide.interruption import InterruptionOptions
 from sidecar.decide.recovery_rules import RecoveryRules
+from sidecar.decide.sections import SectionTimeouts
 from sidecar.loop_options import LoopOptions
 from sidecar.recover.resume_point import ResumeOptions
 from sidecar.restarters.base import Restarter
@@ -121,15 +121,15 @@ def _docker_restarter(
 
 def policy_of(settings: Settings) -> Policy:
     """How verdicts are reached: the stall, GPU-idle and start-up rules."""
-    adaptive = None
+    sections = None
     if settings.stall_timeout == "auto":
-        adaptive = AdaptiveTimeout(settings.stall_timeout_floor, settings.stall_timeout_ceiling)
+        sections = SectionTimeouts(settings.stall_timeout_floor, settings.stall_timeout_ceiling)
     return Policy(
         stall_timeout=settings.stall_timeout_bound,
         gpu_idle_timeout=settings.gpu_idle_timeout,
         gpu_idle_percent=settings.gpu_idle_percent,
         startup_grace=settings.startup_grace,
-        adaptive=adaptive,
+        sections=sections,
     )
 
 

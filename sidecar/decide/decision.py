@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from sidecar.decide.cadence import AdaptiveTimeout, Cadence
+from sidecar.decide.sections import Section, SectionCadence, SectionTimeouts
 
 
 class Phase(StrEnum):
@@ -38,14 +39,20 @@ class Policy:
     gpu_idle_timeout: float
     gpu_idle_percent: float
     startup_grace: float
-    adaptive: AdaptiveTimeout | None = None  # SIDECAR_STALL_TIMEOUT=auto
+    adaptive: AdaptiveTimeout | None = None  # section-blind learning (the fallback)
+    sections: SectionTimeouts | None = None  # SIDECAR_STALL_TIMEOUT=auto: per section
 
     def stall_timeout_for(self, state: RunState) -> float:
+        if self.sections is not None:
+            return self.sections.timeout(state.section, state.sections, state.cadence)
         return self.adaptive.timeout(state.cadence) if self.adaptive else self.stall_timeout
 
     def explain_timeout(self, state: RunState) -> str:
         timeout = self.stall_timeout_for(state)
-        how = f"; {self.adaptive.explain(state.cadence)}" if self.adaptive else ""
+        if self.sections is not None:
+            how = f"; {self.sections.explain(state.section, state.sections, state.cadence)}"
+        else:
+            how = f"; {self.adaptive.explain(state.cadence)}" if self.adaptive else ""
         return f"stall timeout {timeout:.0f} s{how}"
 
 
@@ -67,6 +74,8 @@ class Observation:
     # When the progress seen at this poll happened, if known more precisely than ``now``
     # (the log's last write); never before the previous poll, never after ``now``.
     progress_at: float | None = None
+    # What the trainer announced last in this poll's output (None: nothing recognised).
+    section: Section | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,8 @@ class RunState:
     cadence: Cadence = field(default_factory=Cadence)
     gpu_peak_watts: float = 0.0  # the most any watched GPU drew in this run
     last_poll_at: float | None = None  # the previous observation
+    section: Section | None = None  # what the trainer is doing, as far as it said
+    sections: SectionCadence = field(default_factory=SectionCadence)
 
 
 @dataclass(frozen=True)
@@ -90,10 +101,16 @@ class Verdict:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-def started(now: float, cadence: Cadence | None = None) -> RunState:
-    """A new attempt; ``cadence`` carries what earlier attempts of the run taught."""
+def started(
+    now: float, cadence: Cadence | None = None, sections: SectionCadence | None = None
+) -> RunState:
+    """A new attempt; ``cadence`` and ``sections`` carry what earlier attempts taught."""
     return RunState(
-        phase=Phase.STARTING, launched_at=now, last_progress_at=now, cadence=cadence or Cadence()
+        phase=Phase.STARTING,
+        launched_at=now,
+        last_progress_at=now,
+        cadence=cadence or Cadence(),
+        sections=sections or SectionCadence(),
     )
 
 
@@ -144,14 +161,20 @@ def _track_progress(state: RunState, seen: Observation) -> RunState:
     if not (step_moved or is_progress(seen)):
         return state
     phase = Phase.RUNNING if (state.phase is Phase.RUNNING or step_moved) else state.phase
-    cadence = state.cadence
+    cadence, sections = state.cadence, state.sections
     if state.phase is Phase.RUNNING:  # start-up pauses (loading, caching) are not cadence
         progress_at = seen.progress_at if seen.progress_at is not None else seen.now
-        cadence = cadence.observe(progress_at - state.last_progress_at)
+        gap = progress_at - state.last_progress_at
+        cadence = cadence.observe(gap)
+        if state.section is not None:  # the silence belonged to what the trainer was doing
+            sections = sections.observe(state.section, gap)
+    section = seen.section or (Section.TRAINING if step_moved else state.section)
     return dataclasses.replace(
         state,
         phase=phase,
         cadence=cadence,
+        sections=sections,
+        section=section,
         last_progress_at=seen.progress_at if seen.progress_at is not None else seen.now,
         last_step=seen.step if seen.step is not None else state.last_step,
         total_steps=seen.total_steps if seen.total_steps is not None else state.total_steps,
@@ -250,6 +273,7 @@ def _stall_verdict(state: RunState, now: float, policy: Policy) -> Verdict | Non
 def _figures(state: RunState, now: float) -> dict[str, Any]:
     return {
         "phase_before": state.phase.value,
+        "section": state.section.value if state.section else None,
         "seconds_since_progress": round(now - state.last_progress_at, 1),
         "last_step": state.last_step,
         "total_steps": state.total_steps,

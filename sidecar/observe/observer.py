@@ -111,6 +111,7 @@ class RunObserver:
             final_model_present=final_model,
             output_written=wrote,
             progress_at=progress_at,
+            section=self.paths.trainer.section_at_end(delta.text) if delta.text else None,
         )
 
     def _gpu_reading(self) -> tuple[tuple[int, ...] | None, tuple[float | None, ...] | None]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sidecar.checkpoints.naming import StateNaming
+from sidecar.decide.sections import Section
 from sidecar.observe.progress import TqdmBar
 
 if TYPE_CHECKING:
@@ -126,6 +127,10 @@ class Trainer(Protocol):
 
     def step_bar(self, text: str) -> TqdmBar | None:
         """The last redraw of its step counter bar in console output, if any."""
+        ...
+
+    def section_at_end(self, text: str) -> Section | None:
+        """What it announced last in a stretch of console output (None: nothing known)."""
         ...
 
     def read_launch_script(self, text: str) -> LaunchCommand:

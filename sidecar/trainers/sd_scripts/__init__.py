@@ -9,9 +9,16 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sidecar.decide.sections import Section
 from sidecar.observe.progress import TqdmBar
 from sidecar.trainers.base import ExpectedResume, LaunchCommand, ResumePosition, StartupReport
-from sidecar.trainers.sd_scripts import launch_script, position, progress_lines, train_script
+from sidecar.trainers.sd_scripts import (
+    launch_script,
+    position,
+    progress_lines,
+    sections,
+    train_script,
+)
 from sidecar.trainers.sd_scripts import state_naming as naming
 
 if TYPE_CHECKING:
@@ -31,6 +38,9 @@ class SdScripts:
 
     def step_bar(self, text: str) -> TqdmBar | None:
         return progress_lines.step_bar(text)
+
+    def section_at_end(self, text: str) -> Section | None:
+        return sections.section_at_end(text)
 
     def read_launch_script(self, text: str) -> train_script.TrainCommand:
         return train_script.parse_train_script(text)
