@@ -144,26 +144,30 @@ class Settings(BaseSettings):
         description="How long transient Docker failures (daemon unreachable, 5xx) are retried.",
     )
     poll_interval: Duration = Field(2.0, description="How often the run is observed.")
-    # FluxGym on a 12 GB card logs ~50 s per step, and sample generation or a state save of a
-    # Flux LoRA can take minutes without moving the step counter; a quarter of an hour with no
-    # log line and no file written is far beyond any of those.
+    # Section-aware by default: the trainer says what it is doing (training, sampling, a
+    # save, an epoch boundary), and each gets its own learned budget, so a hang in an
+    # ordinary step is caught within a minute while a long save or sampling is never cut short.
     stall_timeout: Annotated[float | Literal["auto"], BeforeValidator(parse_duration_or_auto)] = (
         Field(
-            900.0,
+            "auto",
             description="No progress (step, log growth, output files) for this long = stalled; "
-            "auto: learn this run's longest legitimate pause and allow 3 times it, between "
-            "SIDECAR_STALL_TIMEOUT_FLOOR and SIDECAR_STALL_TIMEOUT_CEILING.",
+            "auto: per section the trainer announces (training, sampling, saving, epoch "
+            "boundary), 3 x what this run showed, between SIDECAR_STALL_TIMEOUT_FLOOR and "
+            "SIDECAR_STALL_TIMEOUT_CEILING.",
         )
     )
-    # A run that steps every few seconds still pauses for a minute or two (samples, saves,
-    # epoch ends) before the learned figure can be trusted: never less than this.
+    # A training step of seconds: a minute of silence in the training section is a hang.
     stall_timeout_floor: Duration = Field(
-        120.0, description="With SIDECAR_STALL_TIMEOUT=auto: the shortest timeout it may learn."
+        60.0,
+        description="With SIDECAR_STALL_TIMEOUT=auto: the training section's shortest timeout.",
     )
+    # FluxGym on a 12 GB card logs ~50 s per step, and sample generation or a state save of a
+    # Flux LoRA can take minutes: a quarter of an hour is beyond any of those, and is what a
+    # section not learned yet (or silence in no known section) gets.
     stall_timeout_ceiling: Duration = Field(
-        1800.0,
-        description="With SIDECAR_STALL_TIMEOUT=auto: the longest, and the timeout used while "
-        "it is still learning.",
+        900.0,
+        description="With SIDECAR_STALL_TIMEOUT=auto: the longest, and the timeout of a section "
+        "not learned yet.",
     )
     gpu_idle_timeout: Duration = Field(
         300.0,

@@ -121,6 +121,8 @@ def readme_default(field):
 
 
 def _duration_text(seconds):
+    if seconds == "auto":
+        return "auto"
     for unit, size in (("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
