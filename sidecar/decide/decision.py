@@ -44,13 +44,13 @@ class Policy:
 
     def stall_timeout_for(self, state: RunState) -> float:
         if self.sections is not None:
-            return self.sections.timeout(state.section, state.sections, state.cadence)
+            return self.sections.timeout(state.section, state.sections)
         return self.adaptive.timeout(state.cadence) if self.adaptive else self.stall_timeout
 
     def explain_timeout(self, state: RunState) -> str:
         timeout = self.stall_timeout_for(state)
         if self.sections is not None:
-            how = f"; {self.sections.explain(state.section, state.sections, state.cadence)}"
+            how = f"; {self.sections.explain(state.section, state.sections)}"
         else:
             how = f"; {self.adaptive.explain(state.cadence)}" if self.adaptive else ""
         return f"stall timeout {timeout:.0f} s{how}"

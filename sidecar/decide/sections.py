@@ -11,17 +11,18 @@ gets its own budget, learned in this run:
 - a recognised long section (start-up, an epoch boundary, sampling, a save): ``factor`` x the
   longest silence seen in that section, the ceiling until it was seen once — never cut short
   by the training floor;
-- silence in no recognised section: the section-blind rule (decide/cadence.py).
+- silence in no recognised section: the ceiling, as the previous fixed default. That is
+  the case of a run whose output the sidecar cannot read (one FluxGym's UI started streams
+  into the UI): a section-blind learned timeout would take its first long silent sampling
+  for a hang.
 
 Pure code: the sections come in with the observations, the clock is passed in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-
-from sidecar.decide.cadence import AdaptiveTimeout, Cadence
 
 # Silences remembered per section for its percentile (the newest; older ones are dropped).
 _KEEP = 256
@@ -80,14 +81,10 @@ class SectionTimeouts:
     ceiling: float  # the longest of any, and the budget of a section not learned yet
     factor: float = 3.0
     warmup: int = 20  # training silences to see before trusting their percentile
-    blind: AdaptiveTimeout = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "blind", AdaptiveTimeout(self.floor, self.ceiling, self.factor))
-
-    def timeout(self, section: Section | None, sections: SectionCadence, cadence: Cadence) -> float:
+    def timeout(self, section: Section | None, sections: SectionCadence) -> float:
         if section is None:
-            return self.blind.timeout(cadence)
+            return self.ceiling
         gaps = sections.of(section)
         if section is Section.TRAINING:
             if gaps.count < self.warmup:
@@ -99,9 +96,9 @@ class SectionTimeouts:
             return self.ceiling
         return _clamp(self.factor * gaps.longest, self.floor, self.ceiling)
 
-    def explain(self, section: Section | None, sections: SectionCadence, cadence: Cadence) -> str:
+    def explain(self, section: Section | None, sections: SectionCadence) -> str:
         if section is None:
-            return f"no section recognised; {self.blind.explain(cadence)}"
+            return "no section recognised in the trainer's output: the ceiling"
         gaps = sections.of(section)
         if section is Section.TRAINING:
             if gaps.count < self.warmup:

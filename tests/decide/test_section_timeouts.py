@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from sidecar.decide import decision
-from sidecar.decide.cadence import Cadence
 from sidecar.decide.decision import Observation, Phase, Policy, VerdictKind
 from sidecar.decide.sections import Section, SectionCadence, SectionGaps, SectionTimeouts
 
@@ -26,34 +25,33 @@ def learned(section: Section, *gaps: float) -> SectionCadence:
 
 def test_training_uses_the_ceiling_until_it_has_seen_enough_steps():
     few = learned(Section.TRAINING, *[1.0] * 19)
-    assert TIMEOUTS.timeout(Section.TRAINING, few, Cadence()) == 900.0
+    assert TIMEOUTS.timeout(Section.TRAINING, few) == 900.0
     enough = learned(Section.TRAINING, *[1.0] * 20)
-    assert TIMEOUTS.timeout(Section.TRAINING, enough, Cadence()) == 60.0  # the floor
+    assert TIMEOUTS.timeout(Section.TRAINING, enough) == 60.0  # the floor
 
 
 def test_slow_steps_get_three_times_their_high_percentile():
     steps = learned(Section.TRAINING, *[40.0 + i % 10 for i in range(100)])  # 40-49 s steps
-    assert TIMEOUTS.timeout(Section.TRAINING, steps, Cadence()) == 3 * 49.0
+    assert TIMEOUTS.timeout(Section.TRAINING, steps) == 3 * 49.0
     # One freak silence does not stretch the training timeout: it is a percentile.
     freak = steps.observe(Section.TRAINING, 600.0)
-    assert TIMEOUTS.timeout(Section.TRAINING, freak, Cadence()) == 3 * 49.0
+    assert TIMEOUTS.timeout(Section.TRAINING, freak) == 3 * 49.0
 
 
 def test_a_long_section_gets_the_ceiling_first_then_its_own_learned_allowance():
-    assert TIMEOUTS.timeout(Section.SAMPLING, SectionCadence(), Cadence()) == 900.0
+    assert TIMEOUTS.timeout(Section.SAMPLING, SectionCadence()) == 900.0
     sampled = learned(Section.SAMPLING, 70.0, 95.0)
-    assert TIMEOUTS.timeout(Section.SAMPLING, sampled, Cadence()) == 3 * 95.0
+    assert TIMEOUTS.timeout(Section.SAMPLING, sampled) == 3 * 95.0
     # Never beyond the ceiling, never below the floor.
-    assert TIMEOUTS.timeout(Section.SAVING, learned(Section.SAVING, 400.0), Cadence()) == 900.0
-    assert TIMEOUTS.timeout(Section.SAVING, learned(Section.SAVING, 2.0), Cadence()) == 60.0
+    assert TIMEOUTS.timeout(Section.SAVING, learned(Section.SAVING, 400.0)) == 900.0
+    assert TIMEOUTS.timeout(Section.SAVING, learned(Section.SAVING, 2.0)) == 60.0
 
 
-def test_silence_in_no_section_falls_back_to_the_section_blind_rule():
-    blind = Cadence(gaps=25, longest_gap=100.0)
-    assert TIMEOUTS.timeout(None, SectionCadence(), blind) == 300.0
-    assert TIMEOUTS.timeout(None, SectionCadence(), Cadence()) == 900.0  # still learning
-    assert "section-blind" not in TIMEOUTS.explain(None, SectionCadence(), blind)
-    assert "no section recognised" in TIMEOUTS.explain(None, SectionCadence(), blind)
+def test_silence_in_no_section_gets_the_ceiling():
+    """No readable output (a run the UI streams into its page): the previous fixed default,
+    never a learned timeout that a long silent sampling would exceed."""
+    assert TIMEOUTS.timeout(None, learned(Section.TRAINING, *[1.0] * 50)) == 900.0
+    assert "no section recognised" in TIMEOUTS.explain(None, SectionCadence())
 
 
 def test_percentile_of_no_gaps_is_zero():
