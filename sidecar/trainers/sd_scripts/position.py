@@ -26,6 +26,7 @@ import math
 import re
 
 from sidecar.trainers.base import StartupReport
+from sidecar.trainers.sd_scripts.rich_log import unwrap
 
 INITIAL_STEP = "--initial_step"
 INITIAL_EPOCH = "--initial_epoch"
@@ -68,7 +69,9 @@ def absolute_step(state_step: int, *, attempt_initial_step: int, steps_per_epoch
 
 
 def startup_report(text: str) -> StartupReport:
-    """The schedule figures and the resume lines in a piece of sd-scripts' output."""
+    """The schedule figures and the resume lines in a piece of sd-scripts' output (its log
+    records wrapped by rich at 80 columns, which the resume lines always are)."""
+    text = unwrap(text)
     batches = _last_number(_BATCHES_PER_EPOCH, text)
     accumulation = _last_number(_ACCUMULATION, text)
     resumed = _RESUMED_FROM.findall(text)

@@ -121,3 +121,42 @@ def test_lines_that_only_look_alike_are_not_read() -> None:
     noise = "prompt: num batches per epoch 99, skipping steps, resume training from memory\n"
     report = startup_report(noise)
     assert report == position.StartupReport()
+
+
+# rich 14.1's RichHandler at 80 columns (sd-scripts' setup_logging, stderr redirected to a file),
+# captured byte for byte: the resume lines are wrapped, and the state's path is folded.
+RICH_80 = (
+    "2026-12-01 12:58:16 INFO     resume training from local       train_util.py:4777\n"
+    "                             state:                                             \n"
+    "                             /app/fluxgym/outputs/my-lora/my-                   \n"
+    "                             lora-step00000018-state                            \n"
+    "                    INFO     load train state from          train_network.py:969\n"
+    "                             /app/fluxgym/outputs/my-lora/m                     \n"
+    "                             y-lora-step00000018-state/trai                     \n"
+    "                             n_state.json:                                      \n"
+    "                             {'current_epoch': 5,                               \n"
+    "                             'current_step': 18}                                \n"
+    "                    INFO     skipping 18 steps /           train_network.py:1265\n"
+    "                             18ステップをスキップします                         \n"
+)
+
+
+def test_resume_lines_are_read_from_records_rich_wrapped_at_80_columns():
+    report = startup_report(RICH_80)
+    assert report.resumed_from == "/app/fluxgym/outputs/my-lora/my-lora-step00000018-state"
+    assert report.train_state_loaded
+    assert report.skipped_steps == 18
+
+
+def test_records_glued_after_a_bar_and_prints_pass_through_unwrap():
+    from sidecar.trainers.sd_scripts.rich_log import unwrap
+
+    glued = "\rsteps:  50%|█████     | 2/4 [00:00<00:00]" + RICH_80.splitlines(keepends=True)[0]
+    glued += "".join(RICH_80.splitlines(keepends=True)[1:4]) + "epoch 2/4\n"
+    unwrapped = unwrap(glued).split("\n")
+    assert unwrapped[0].endswith(
+        "INFO     resume training from local state: "
+        "/app/fluxgym/outputs/my-lora/my-lora-step00000018-state"
+    )
+    assert unwrapped[0].startswith("\rsteps:  50%")
+    assert unwrapped[1] == "epoch 2/4"
