@@ -47,7 +47,7 @@ class StateSaver:
         number = self.saves_done + 1
         pause = (self._save_seconds + faults.extra_save_seconds(number)) / SAVE_FILE_COUNT
         self._context.gpu.show(GpuActivity.IDLE)
-        terminal.log(f"Saving current state to {folder}")
+        terminal.log(f"Saving current state to {folder}", source="accelerator.py:3241")
         folder.mkdir(parents=True, exist_ok=True)  # accelerate: os.makedirs(..., exist_ok=True)
         inside = faults.inside_save(number)
         for index, write in enumerate(self._writers(folder, epoch, step, lineage, pause)):
@@ -69,7 +69,10 @@ class StateSaver:
             # train_network.py save_model_hook: logs, then json.dump of current_epoch.value and
             # current_step.value + 1 into train_state.json (the first file of the folder).
             path = folder / "train_state.json"
-            terminal.log(f"save train state to {path} at epoch {epoch} step {step}")
+            terminal.log(
+                f"save train state to {path} at epoch {epoch} step {step}",
+                source="train_network.py:946",
+            )
             path.write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
             if pause > 0:
                 sleep(pause)
@@ -115,7 +118,7 @@ def load_state(folder: Path, terminal: Terminal) -> LoadedState:
     accelerate does.
     """
     # train_util.resume_from_local_or_hf_if_specified logs this, then accelerator.load_state.
-    terminal.log(f"resume training from local state: {folder}")
+    terminal.log(f"resume training from local state: {folder}", source="train_util.py:4777")
     if not folder.is_dir():
         raise ValueError(f"Tried to find {folder} but folder does not exist")
     terminal.log(f"Loading states from {folder}")
@@ -152,5 +155,5 @@ def _read_train_state(path: Path, terminal: Terminal) -> tuple[int, int] | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    terminal.log(f"load train state from {path}: {data}")
+    terminal.log(f"load train state from {path}: {data}", source="train_network.py:969")
     return int(data["current_epoch"]), int(data["current_step"])

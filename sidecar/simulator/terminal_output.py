@@ -49,22 +49,59 @@ class Terminal:
     def __init__(self, stdout: TextIO, stderr: TextIO) -> None:
         self.stdout = stdout
         self.stderr = stderr
+        self._last_stamp: str | None = None
 
     def say(self, text: str = "") -> None:
         """A line on stdout, where sd-scripts' ``accelerator.print`` goes."""
         self.stdout.write(text + "\n")
         self.stdout.flush()
 
-    def log(self, message: str, level: str = "INFO") -> None:
-        """A line on stderr, shaped like sd-scripts' rich logging handler writes to a pipe."""
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.stderr.write(f"{stamp} {level:<8} {message}\n")
+    def log(self, message: str, level: str = "INFO", source: str = "train_util.py:1000") -> None:
+        """A record on stderr exactly as sd-scripts' rich handler draws it into a file."""
+        self.stderr.write(rich_record(message, level, source, self._last_stamp))
         self.stderr.flush()
+        self._last_stamp = time.strftime(_STAMP)
 
     def draw(self, text: str) -> None:
         """Raw stderr output (progress bars redraw with a leading carriage return)."""
         self.stderr.write(text)
         self.stderr.flush()
+
+
+_STAMP = "%Y-%m-%d %H:%M:%S"
+_CONSOLE_WIDTH = 80  # rich's width when no stream is a terminal and COLUMNS is unset
+
+
+def rich_record(message: str, level: str, source: str, last_stamp: str | None) -> str:
+    """One log record as rich's ``RichHandler`` renders it into a file (rich 14, sd-scripts'
+    ``setup_logging``): the time, or 19 spaces when the second repeats the previous record's;
+    the level padded to 8; the message word-wrapped at spaces in its column, a word longer
+    than the column folded to fill it; the source right-aligned on the first row; every row
+    padded to 80 columns."""
+    stamp = time.strftime(_STAMP)
+    shown = " " * len(stamp) if stamp == last_stamp else stamp
+    width = _CONSOLE_WIDTH - 29 - 1 - len(source)
+    rows = _wrap(message, width)
+    lines = [f"{shown} {level:<8} {rows[0]:<{width}} {source}"]
+    lines += [f"{' ' * 29}{row:<{width}}{' ' * (len(source) + 1)}" for row in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(message: str, width: int) -> list[str]:
+    rows: list[str] = []
+    current = ""
+    for word in message.split(" "):
+        if current and len(current) + 1 + len(word) <= width:
+            current += " " + word
+            continue
+        if current:
+            rows.append(current)
+        while len(word) > width:  # folded: the pieces fill the column
+            rows.append(word[:width])
+            word = word[width:]
+        current = word
+    rows.append(current)
+    return rows
 
 
 class ProgressBar:

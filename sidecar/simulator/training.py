@@ -176,7 +176,9 @@ class SimulatedTraining:
         self._save_model(f"{name}-step{self.global_step:08d}.safetensors", epoch)
         if self.args.save_state:  # train_util.save_and_remove_state_stepwise
             self.context.terminal.log("")
-            self.context.terminal.log(f"saving state at step {self.global_step}")
+            self.context.terminal.log(
+                f"saving state at step {self.global_step}", source="train_util.py:5964"
+            )
             self._save_state(step_state_name(name, self.global_step))
             keep = self.args.save_last_n_steps_state or self.args.save_last_n_steps
             stale = stale_step_state(self.global_step, keep, every) if keep is not None else None
@@ -200,7 +202,9 @@ class SimulatedTraining:
             return
         # train_util.save_and_remove_state_on_epoch_end
         self.context.terminal.log("")
-        self.context.terminal.log(f"saving state at epoch {epoch_number}")
+        self.context.terminal.log(
+            f"saving state at epoch {epoch_number}", source="train_util.py:5942"
+        )
         self._save_state(epoch_state_name(name, epoch_number))
         keep = self.args.save_last_n_epochs_state or self.args.save_last_n_epochs
         if keep is not None:
@@ -210,13 +214,13 @@ class SimulatedTraining:
         if self.args.save_state or self.args.save_state_on_train_end:
             # train_util.save_state_on_train_end
             self.context.terminal.log("")
-            self.context.terminal.log("saving last state.")
+            self.context.terminal.log("saving last state.", source="train_util.py:5990")
             self._save_state(final_state_name(self.name("last")))
         final = self.output_dir / f"{self.name('last')}.safetensors"
         self.context.terminal.say(f"\nsaving checkpoint: {final}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_complete(final, safetensors_bytes(self._metadata(self.plan.num_train_epochs)))
-        self.context.terminal.log("model saved.")
+        self.context.terminal.log("model saved.", source="train_network.py:1729")
         self.context.gpu.show(GpuActivity.IDLE)
 
     def _save_model(self, file_name: str, epoch: int) -> None:
@@ -265,9 +269,10 @@ class SimulatedTraining:
                 "ERROR",
             )
             return
-        self.context.terminal.log("")
+        self.context.terminal.log("", source="flux_train_utils.py:60")
         self.context.terminal.log(
-            f"generating sample images at step / サンプル画像生成 ステップ: {step}"
+            f"generating sample images at step / サンプル画像生成 ステップ: {step}",
+            source="flux_train_utils.py:61",
         )
         folder = self.output_dir / "sample"
         folder.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from sidecar.simulator.faults import parse_fault
 from sidecar.simulator.resume_position import ResumePosition, resume_position
 from sidecar.simulator.schedule import TrainingPlan
 from sidecar.simulator.terminal_output import Terminal
+from sidecar.trainers.sd_scripts.rich_log import unwrap
 
 SPE = 4  # steps per epoch
 EPOCHS = 4
@@ -129,8 +130,8 @@ def test_resume_without_skip_trains_the_partial_epoch_again(tmp_path: Path) -> N
     assert second.returncode == 0, second.stdout[-2000:]
     # epoch_to_start = 6 // 4 = 1; initial_step = 0: batches (1, 0) and (1, 1) trained twice
     assert final_lineage(tree) == EVERY_PAIR[:6] + EVERY_PAIR[4:]
-    assert "epoch 1/4" not in second.stdout and "epoch 2/4" in second.stdout
-    assert "skipping" not in second.stdout
+    assert "epoch 1/4" not in unwrap(second.stdout) and "epoch 2/4" in unwrap(second.stdout)
+    assert "skipping" not in unwrap(second.stdout)
     assert last_progress(second.stdout) == (12, 16)  # counts from 0, total max_train_steps
 
 
@@ -144,10 +145,11 @@ def test_initial_step_with_skip_until_initial_step_continues_exactly(tmp_path: P
     assert final_lineage(tree) == EVERY_PAIR
     assert (
         "steps from the state is ignored because initial_step is specified / "
-        "initial_stepが指定されているため、stateからのステップ数は無視されます" in second.stdout
+        "initial_stepが指定されているため、stateからのステップ数は無視されます"
+        in unwrap(second.stdout)
     )
-    assert "skipping 6 steps / 6ステップをスキップします" in second.stdout
-    assert "skipping epoch 1 because initial_step (multiplied) is 6" in second.stdout
+    assert "skipping 6 steps / 6ステップをスキップします" in unwrap(second.stdout)
+    assert "skipping epoch 1 because initial_step (multiplied) is 6" in unwrap(second.stdout)
     # global_step starts at the remainder 2; the bar's total is 16 - 2 and it counts from 0
     assert last_progress(second.stdout) == (10, 14)
     assert PROGRESS.findall(second.stdout)[0] == ("0", "14")
@@ -203,7 +205,7 @@ def test_crash_inside_an_overwrite_leaves_a_mixed_folder(tmp_path: Path) -> None
     old_optimizer = (folder / "optimizer.bin").read_bytes()
     _, second = train(tmp_path, f"{extra} --resume {state(tree, 4)}", faults)
     assert second.returncode == 1
-    assert "Model weights saved in" in second.stdout.rsplit("Saving current state to", 1)[1]
+    assert "Model weights saved in" in unwrap(second.stdout).rsplit("Saving current state to", 1)[1]
     names = ["train_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin"]
     assert sorted(p.name for p in folder.iterdir()) == sorted([*names, "random_states_0.pkl"])
     assert train_state(folder) == {"current_epoch": 2, "current_step": 2}  # new
@@ -242,7 +244,7 @@ def test_resume_log_lines_come_in_sd_scripts_order(tmp_path: Path) -> None:
     assert first.returncode == 3
     folder = state(tree, 6)
     file = folder / "train_state.json"
-    assert f"save train state to {file} at epoch 2 step 6" in first.stdout
+    assert f"save train state to {file} at epoch 2 step 6" in unwrap(first.stdout)
     _, second = train(tmp_path, f"{STEP_STATES} --resume {folder}")
     wanted = [
         f"resume training from local state: {folder}",
@@ -254,10 +256,11 @@ def test_resume_log_lines_come_in_sd_scripts_order(tmp_path: Path) -> None:
         f"  total optimization steps / 学習ステップ数: {SPE * EPOCHS}",
         "epoch 2/4",
     ]
-    positions = [second.stdout.index(line) for line in wanted]
+    positions = [unwrap(second.stdout).index(line) for line in wanted]
     assert positions == sorted(positions)
-    assert f"override steps. steps for {EPOCHS} epochs is / 指定エポックまでのステップ数: 16" in (
-        second.stdout
+    assert (
+        f"override steps. steps for {EPOCHS} epochs is / 指定エポックまでのステップ数: 16"
+        in unwrap(second.stdout)
     )
 
 
@@ -289,6 +292,7 @@ def test_save_last_n_steps_removes_old_step_models(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:]
     models = sorted(p.name for p in tree.output_dir.glob("my-lora-step*.safetensors"))
     assert models == [f"my-lora-step{step:08d}.safetensors" for step in (2, 3, 4)]
-    assert f"removing old checkpoint: {tree.output_dir / 'my-lora-step00000001.safetensors'}" in (
-        done.stdout
+    assert (
+        f"removing old checkpoint: {tree.output_dir / 'my-lora-step00000001.safetensors'}"
+        in unwrap(done.stdout)
     )

@@ -37,6 +37,7 @@ from sidecar.simulator.resume_position import ResumePosition, resume_position
 from sidecar.simulator.schedule import TrainingPlan, stale_step_state
 from sidecar.simulator.terminal_output import format_progress
 from sidecar.simulator.trainer import main as trainer_main
+from sidecar.trainers.sd_scripts.rich_log import unwrap
 
 # FluxGym's own generator output, as handed to the project (beside the checkout, in CI too).
 SHARED_FIXTURES = SHARED / "fixtures" / "fluxgym-train-scripts"
@@ -462,7 +463,9 @@ def test_hang_in_save_leaves_a_half_written_state(
     tree = build_fluxgym_tree(tmp_path, extra_trainer_args="--save_state --save_every_n_steps 2")
     run = launch(tree, SIM_FAULTS="hang_in_save@save=2")
     folder = tree.output_dir / "my-lora-step00000004-state"
-    run.wait_for(lambda: f"Model weights saved in {folder / 'model.safetensors'}" in run.stderr)
+    run.wait_for(
+        lambda: f"Model weights saved in {folder / 'model.safetensors'}" in unwrap(run.stderr)
+    )
     time.sleep(0.2)
     assert run.process.poll() is None
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "train_state.json"]
