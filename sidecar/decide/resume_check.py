@@ -37,4 +37,8 @@ def resume_problem(
 
 
 def _normal(path: str) -> str:
-    return str(PurePosixPath(path.strip().strip('"').strip("'").rstrip("/")))
+    """A path as compared, whitespace left out: a trainer's log can wrap a long path at one of
+    its spaces in a way that cannot be told from a fold (rich at 80 columns: a row that ends
+    a word exactly at the column's edge), so a space may be lost when its rows are joined."""
+    text = str(PurePosixPath(path.strip().strip('"').strip("'").rstrip("/")))
+    return "".join(text.split())

@@ -36,3 +36,13 @@ def test_without_readable_output_there_is_nothing_to_judge() -> None:
 def test_the_trainers_own_rule_needs_no_skip_line() -> None:
     report = StartupReport(resumed_from=STATE)
     assert resume_problem(ExpectedResume(STATE, None), report, saw_output=True) is None
+
+
+def test_a_space_lost_where_the_log_wrapped_the_path_is_still_the_same_state() -> None:
+    """rich wraps a long path at its spaces; a row that ends a word exactly at the column's
+    edge looks like a fold, and joining the rows drops that space."""
+    spaced = ExpectedResume("/outputs/it's my lora/it's my lora-step00000018-state", None)
+    joined = StartupReport(resumed_from="/outputs/it's mylora/it's my lora-step00000018-state")
+    assert resume_problem(spaced, joined, saw_output=True) is None
+    other = StartupReport(resumed_from="/outputs/it's my lora/it's my lora-step00000012-state")
+    assert resume_problem(spaced, other, saw_output=True) is not None
