@@ -128,16 +128,8 @@ def launched_with(process: psutil.Process, name: str, value: str) -> bool | None
 
 def tree_root(processes: Iterable[psutil.Process]) -> psutil.Process | None:
     """The oldest of ``processes`` whose parent is not among them: who the launcher started."""
-    processes = list(processes)
-    pids = {process.pid for process in processes}
-    roots = []
-    for process in processes:
-        try:
-            if process.ppid() not in pids:
-                roots.append((process.create_time(), process.pid, process))
-        except psutil.Error:
-            continue  # ended meanwhile
-    return min(roots, key=lambda root: root[:2])[2] if roots else None
+    roots = tree_roots(processes)
+    return roots[0] if roots else None
 
 
 def launch_context(process: psutil.Process) -> LaunchContext:

@@ -82,31 +82,28 @@ class SignalRestarter:
 
 
 def stop_processes(pattern: re.Pattern[str], grace: float, log: Callable[..., Any]) -> None:
-    processes = find_trainer_processes(pattern)
-    if not processes:
-        return
-    try:
-        survivors = terminate_tree(
-            processes,
-            grace=grace,
-            on_kill=lambda alive: log(
-                events.TRAINER_KILLED,
-                pids=[p.pid for p in alive],
-                reason=f"still running {grace:g} s after SIGTERM",
-            ),
-        )
-    except (PermissionError, psutil.AccessDenied) as error:
-        raise RestartError(
-            f"not allowed to signal the trainer's processes ({error}); run the sidecar as the "
-            "trainer's UID or give it CAP_KILL"
-        ) from error
-    if survivors:
-        raise RestartError(f"trainer processes {[p.pid for p in survivors]} survived SIGKILL")
+    _terminate(
+        find_trainer_processes(pattern),
+        grace,
+        log,
+        denied="not allowed to signal the trainer's processes ({error}); run the sidecar as "
+        "the trainer's UID or give it CAP_KILL",
+    )
 
 
 def stop_trees(roots: list[int], grace: float, log: Callable[..., Any]) -> None:
     """Stop the process trees rooted at ``roots`` only (one launch of two)."""
     processes = [process for root in roots for process in tree_of(root)]
+    _terminate(
+        processes, grace, log, denied=f"not allowed to signal trainer processes {roots} ({{error}})"
+    )
+
+
+def _terminate(
+    processes: list[psutil.Process], grace: float, log: Callable[..., Any], *, denied: str
+) -> None:
+    """SIGTERM, then SIGKILL after ``grace``; ``denied`` (with ``{error}``) says what to fix
+    when signalling is not allowed."""
     if not processes:
         return
     try:
@@ -120,6 +117,6 @@ def stop_trees(roots: list[int], grace: float, log: Callable[..., Any]) -> None:
             ),
         )
     except (PermissionError, psutil.AccessDenied) as error:
-        raise RestartError(f"not allowed to signal trainer processes {roots} ({error})") from error
+        raise RestartError(denied.format(error=error)) from error
     if survivors:
         raise RestartError(f"trainer processes {[p.pid for p in survivors]} survived SIGKILL")
