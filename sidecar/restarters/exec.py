@@ -90,6 +90,7 @@ class ExecRestarter:
         self._launch_problem = "no training process seen since the sidecar started"
         self._launch_file: Path | None = None
         self._token: str | None = None  # LAUNCH_MARKER of the sidecar's latest relaunch
+        self._own_roots: dict[tuple[int, float, str], bool] = {}  # roots judged so far
         # The trainer container as it was while the watched trainer ran (id, start time).
         self._container_then: tuple[str, str | None] | None = None
 
@@ -184,7 +185,19 @@ class ExecRestarter:
         return own_roots[0].pid, tuple(root.pid for root in roots if root not in own_roots)
 
     def _is_own(self, root: psutil.Process) -> bool:
-        return self._token is not None and bool(launched_with(root, LAUNCH_MARKER, self._token))
+        """Whether ``root`` is the sidecar's latest launch; its environment is read once per
+        process (a poll sees the same roots again and again)."""
+        if self._token is None:
+            return False
+        try:
+            key = (root.pid, root.create_time(), self._token)
+        except psutil.Error:
+            return False
+        if key not in self._own_roots:
+            if len(self._own_roots) >= 16:  # roots of launches long gone
+                self._own_roots.clear()
+            self._own_roots[key] = bool(launched_with(root, LAUNCH_MARKER, self._token))
+        return self._own_roots[key]
 
     def _remember_container(self) -> None:
         """Once per watched trainer: which container instance it runs in."""
