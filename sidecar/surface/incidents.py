@@ -37,23 +37,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 
 from sidecar import __version__, events
 from sidecar.decide.decision import Verdict
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.log_follower import tail_text
-from sidecar.observe.process_tree import tree_of
+from sidecar.observe.thread_states import describe_process, trainer_processes
 from sidecar.surface.stack_dumps import PySpyRuns, py_spy_dumps
 
 INCIDENTS_FOLDER = "incidents"
 LOG_TAIL_BYTES = 256 * 1024
 STACK_BYTES = 256 * 1024
 MAX_PROCESSES = 64
-MAX_THREADS = 32  # per process; a trainer has a few dozen (CUDA, dataloader, pin-memory)
 MAX_PYSPY_PROCESSES = 8
-_CMDLINE_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -148,8 +145,8 @@ class IncidentRecorder:
             pieces["train.log.tail"] = tail_text(sources.train_log, LOG_TAIL_BYTES)
         except OSError as error:
             skipped["train.log.tail"] = str(error)
-        processes = _trainer_processes(sources.pids)
-        table = [_describe(process) for process in processes[:MAX_PROCESSES]]
+        processes = trainer_processes(sources.pids)
+        table = [describe_process(process) for process in processes[:MAX_PROCESSES]]
         pieces["processes.json"] = _json(table)
         pieces["processes.txt"] = _process_table(table)
         if len(processes) > MAX_PROCESSES:
@@ -245,77 +242,6 @@ def _bundle_order(folder: Path) -> tuple[str, int]:
 # -- processes -------------------------------------------------------------------------------
 
 
-def _trainer_processes(pids: Sequence[int]) -> list[psutil.Process]:
-    seen: dict[int, psutil.Process] = {}
-    for pid in pids:
-        for process in tree_of(pid):
-            seen.setdefault(process.pid, process)
-    return list(seen.values())
-
-
-def _describe(process: psutil.Process) -> dict[str, Any]:
-    row: dict[str, Any] = {"pid": process.pid}
-    try:
-        with process.oneshot():
-            row["ppid"] = process.ppid()
-            row["name"] = process.name()
-            row["status"] = process.status()
-            row["cmdline"] = " ".join(process.cmdline())[:_CMDLINE_CHARS]
-            times = process.cpu_times()
-            row["cpu_user_seconds"] = times.user
-            row["cpu_system_seconds"] = times.system
-            row["memory_rss_bytes"] = process.memory_info().rss
-            row["num_threads"] = process.num_threads()
-            row["io"] = _io(process)
-            row["context_switches"] = process.num_ctx_switches()._asdict()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        row["status"] = "gone"
-        return row
-    except psutil.AccessDenied as error:
-        row["access_denied"] = str(error)
-    row["wchan"] = _proc_text(f"/proc/{process.pid}/wchan")
-    row["threads"] = _threads(process.pid)
-    return row
-
-
-def _io(process: psutil.Process) -> dict[str, int] | None:
-    try:
-        return dict(process.io_counters()._asdict())
-    except (psutil.AccessDenied, AttributeError):
-        return None  # another UID, or a platform without /proc/<pid>/io
-
-
-def _threads(pid: int) -> list[dict[str, Any]]:
-    """State and wait channel of each thread: where a hang is, the kernel often knows."""
-    try:
-        tids = sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
-    except (FileNotFoundError, PermissionError, NotADirectoryError):
-        return []
-    threads = []
-    for tid in tids[:MAX_THREADS]:
-        stat = _proc_text(f"/proc/{pid}/task/{tid}/stat") or ""
-        # "tid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ")"
-        name = stat[stat.find("(") + 1 : stat.rfind(")")] if ")" in stat else None
-        state = stat[stat.rfind(")") + 2 :].split(" ", 1)[0] if ")" in stat else None
-        threads.append(
-            {
-                "tid": tid,
-                "name": name,
-                "state": state,
-                "wchan": _proc_text(f"/proc/{pid}/task/{tid}/wchan"),
-            }
-        )
-    return threads
-
-
-def _proc_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read(4096).strip() or None
-    except OSError:
-        return None
-
-
 def _process_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         f"{'PID':>7} {'PPID':>7} {'STATUS':<10} {'WCHAN':<24} {'CPU s':>8} "
@@ -341,9 +267,6 @@ def _process_table(rows: list[dict[str, Any]]) -> str:
 def _is_python(row: dict[str, Any]) -> bool:
     first = str(row.get("cmdline", "")).split(" ", 1)[0]
     return "python" in Path(first).name or "python" in str(row.get("name", ""))
-
-
-# -- py-spy ----------------------------------------------------------------------------------
 
 
 # -- helpers -----------------------------------------------------------------------------------
