@@ -43,8 +43,8 @@ from sidecar import __version__, events
 from sidecar.decide.decision import Verdict
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.log_follower import tail_text
+from sidecar.observe.python_stacks import PySpyRuns, py_spy_dumps
 from sidecar.observe.thread_states import describe_process, trainer_processes
-from sidecar.surface.stack_dumps import PySpyRuns, py_spy_dumps
 
 INCIDENTS_FOLDER = "incidents"
 LOG_TAIL_BYTES = 256 * 1024

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from sidecar import events
 from sidecar.config import Settings
 from sidecar.observe.gpu import GpuMonitor
+from sidecar.observe.python_stacks import find_py_spy
 from sidecar.surface.health import Heartbeat
 from sidecar.surface.http_server import SurfaceServer, start_http_surface
 from sidecar.surface.incidents import IncidentRecorder, IncidentSources
@@ -32,7 +33,6 @@ from sidecar.surface.metrics import (
     SnapshotCollector,
 )
 from sidecar.surface.notifications import WebhookNotifier, WebhookTarget
-from sidecar.surface.stack_dumps import find_py_spy
 from sidecar.surface.step_rate import StepRate
 from sidecar.watchdog import Watchdog
 

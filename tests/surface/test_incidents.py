@@ -21,6 +21,7 @@ import pytest
 
 from sidecar.decide.decision import Verdict, VerdictKind
 from sidecar.observe.gpu import GpuReading, GpuSample
+from sidecar.observe.python_stacks import find_py_spy
 from sidecar.surface.incidents import (
     LOG_TAIL_BYTES,
     IncidentRecorder,
@@ -28,7 +29,6 @@ from sidecar.surface.incidents import (
     list_bundles,
     prune,
 )
-from sidecar.surface.stack_dumps import find_py_spy
 
 # A trainer stand-in: a parent waiting for its worker, the worker blocked reading a pipe
 # nobody writes (the shape of sd-scripts issue 536).
