@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fake_nvml.c")
@@ -23,13 +24,37 @@ class CompilerMissing(RuntimeError):
     """No gcc on PATH: callers skip the tests that need the fake rather than fail them."""
 
 
-def build_fake_nvml(dest_dir: Path) -> Path:
-    """Return the path of a freshly compiled fake ``libnvidia-ml.so.1`` in ``dest_dir``."""
-    return _build_cached(Path(dest_dir).resolve(), SOURCE.stat().st_mtime_ns)
+# What ``omit`` may leave out, to stage an older driver (see fake_nvml.c's header).
+OMITTABLE = frozenset({"COMPUTE_PROCESSES_V3", "EVENTS", "FIELD_VALUES"})
+
+
+def build_fake_nvml(dest_dir: Path, *, omit: Iterable[str] = ()) -> Path:
+    """Return the path of a freshly compiled fake ``libnvidia-ml.so.1`` in ``dest_dir``.
+
+    ``omit`` names groups of symbols to leave out (``OMITTABLE``); use a separate
+    ``dest_dir`` for each combination, since every build has the same file name.
+    """
+    omitted = tuple(sorted(set(omit)))
+    unknown = set(omitted) - OMITTABLE
+    if unknown:
+        raise ValueError(f"cannot omit {sorted(unknown)}: choose from {sorted(OMITTABLE)}")
+    return _build_cached(Path(dest_dir).resolve(), SOURCE.stat().st_mtime_ns, omitted)
+
+
+def child_environment(library_dir: Path, state_file: Path) -> dict[str, str]:
+    """The environment of a child process that must load the fake from ``library_dir``.
+
+    pynvml loads ``libnvidia-ml.so.1`` once per process, and the loader reads
+    ``LD_LIBRARY_PATH`` at process start, so each scenario needs a fresh child.
+    """
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = str(library_dir)
+    env[STATE_FILE_VARIABLE] = str(state_file)
+    return env
 
 
 @functools.cache
-def _build_cached(dest_dir: Path, _source_mtime_ns: int) -> Path:
+def _build_cached(dest_dir: Path, _source_mtime_ns: int, omitted: tuple[str, ...]) -> Path:
     # The mtime is part of the cache key so an edited fake is rebuilt within a session.
     compiler = shutil.which("gcc")
     if compiler is None:
@@ -39,6 +64,7 @@ def _build_cached(dest_dir: Path, _source_mtime_ns: int) -> Path:
     # Build beside the target and rename, so a concurrent reader never loads half a file.
     partial = dest_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
     command = [compiler, "-Wall", "-Wextra", "-O2", "-shared", "-fPIC"]
+    command += [f"-DFAKE_OMIT_{group}" for group in omitted]
     result = subprocess.run(
         [*command, "-o", str(partial), str(SOURCE)], capture_output=True, text=True, check=False
     )
