@@ -19,6 +19,8 @@ from sidecar.checkpoints.scan import Candidate, choose_checkpoint
 from sidecar.config import Settings
 from sidecar.log_setup import configure_logging, get_logger
 from sidecar.observe.gpu import NvmlGpuMonitor
+from sidecar.observe.gpu_health import NvmlHealthProbe
+from sidecar.recover.health_gate import HealthGate
 from sidecar.recover.resume_point import ResumePointer
 from sidecar.run.abandon import AbandonMarker
 from sidecar.run.ledger import LedgerError, LedgerStore
@@ -57,6 +59,7 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
     )
     stop_event, received = _stop_on_signals()
     gpu = observability.wrap_gpu(NvmlGpuMonitor(settings.gpu_indices, logger=log))
+    health = _health_gate(settings, log)
     try:
         watchdog = Watchdog(
             options=loop_options_of(settings),
@@ -68,6 +71,7 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
             heartbeat=_heartbeat(settings, log).beat,
             before_stop=observability.incident_recorder(log),
             on_poll=observability.on_poll,
+            health_gate=health[1] if health else None,
         )
         try:
             observability.attach(watchdog, log)
@@ -85,10 +89,24 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
     finally:
         observability.close()
         gpu.close()
+        if health is not None:
+            health[0].close()
     if received:
         log.info(events.SIDECAR_STOPPED, signal=signal.Signals(received[0]).name)
         return 128 + received[0]
     return code
+
+
+def _health_gate(settings: Settings, log: Any) -> tuple[NvmlHealthProbe, HealthGate] | None:
+    """The GPU check between stopping a trainer and relaunching it; None without NVML.
+
+    The probe reads once now: XID errors are seen from their registration on, so a card
+    that fails during a hang is known by the time of the relaunch."""
+    probe = NvmlHealthProbe(settings.gpu_indices, logger=log)
+    if probe.read() is None:
+        probe.close()
+        return None
+    return probe, HealthGate(probe, bound=settings.gpu_release_timeout, log=log)
 
 
 def _run_to_watch(settings: Settings, locator: RunLocator) -> RunPaths | None:

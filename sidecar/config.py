@@ -199,6 +199,24 @@ class Settings(BaseSettings):
         description="Interruptions in a row with no new complete state in between before the "
         "sidecar gives up on the run (a machine that dies every few minutes).",
     )
+    # NVRx stops after 3 restarts without progress: a hang that comes back every time from
+    # the same checkpoint will not go away by itself, and the budget is for other failures.
+    max_futile_recoveries: int = Field(
+        3,
+        ge=1,
+        description="Recoveries in a row that resume from the same checkpoint (the attempts "
+        "between them saved nothing newer) before the sidecar stops (exit 4: do not requeue).",
+    )
+    remediate: bool = Field(
+        False,
+        description="When the same hang class comes back from the same checkpoint, apply its "
+        "known mitigation to train.sh (logged with the diff; train.sh.orig is kept).",
+    )
+    gpu_release_timeout: Duration = Field(
+        60.0,
+        description="After stopping a trainer, how long to wait for the GPU memory it held to "
+        "be released before relaunching (NVML process list; 0 turns the wait off).",
+    )
     kill_grace: Duration = Field(
         30.0, description="SIGTERM-to-SIGKILL delay when stopping the trainer."
     )

@@ -29,6 +29,7 @@ class LoopOptions:
     policy: Policy  # how verdicts are reached
     rules: RecoveryRules  # budget, backoff and the runtime's restart window
     max_lost_work: float = 0.0  # seconds; 0: leave the trainer's state cadence as it is
+    remediate: bool = False  # apply a repeated hang's known mitigation to train.sh
     interruptions: InterruptionOptions = field(
         default_factory=lambda: InterruptionOptions(resume=True, max_in_a_row=5)
     )

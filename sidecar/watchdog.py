@@ -17,14 +17,17 @@ from sidecar import events
 from sidecar.checkpoints.choice import NoCheckpointLeft
 from sidecar.decide import decision
 from sidecar.decide.decision import Phase, RunState, Verdict, VerdictKind
+from sidecar.decide.diagnosis import Evidence, diagnose
 from sidecar.decide.interruption import Plan
 from sidecar.decide.recovery_rules import rearm_after_stall, restart_overdue
-from sidecar.decide.sections import SectionCadence
+from sidecar.decide.sections import Section, SectionCadence
 from sidecar.loop_options import Clocks, LoopOptions
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.process_tree import usage_figures
 from sidecar.observe.trainer_visibility import TrainerVisibility
 from sidecar.recover.first_launch import Launch, launch_first
+from sidecar.recover.hang_repeats import tell_repeat
+from sidecar.recover.health_gate import HealthGate
 from sidecar.recover.interruption import Interruptions
 from sidecar.recover.recovery import Outcome, OutcomeKind, Recovery
 from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
@@ -47,6 +50,17 @@ RESUME_SOURCE = "resume after interruption"
 EXIT_COMPLETED = 0
 EXIT_ERROR = 1
 EXIT_GAVE_UP = 3
+# Stops that no relaunch can fix; a scheduler should not requeue the job as it is.
+EXIT_NO_PROGRESS = 4  # the same checkpoint failed SIDECAR_MAX_FUTILE_RECOVERIES times
+EXIT_GPU_NEEDS_RESET = 5  # the GPU is lost, or its driver asks for a reset or a reboot
+EXIT_HOST_NEEDS_ATTENTION = 6  # trainer processes SIGKILL cannot end (uninterruptible sleep)
+
+_STOP_CODES = {
+    OutcomeKind.GAVE_UP: EXIT_GAVE_UP,
+    OutcomeKind.NO_PROGRESS: EXIT_NO_PROGRESS,
+    OutcomeKind.GPU_NEEDS_RESET: EXIT_GPU_NEEDS_RESET,
+    OutcomeKind.HOST_NEEDS_ATTENTION: EXIT_HOST_NEEDS_ATTENTION,
+}
 
 
 class Watchdog:
@@ -61,12 +75,15 @@ class Watchdog:
         stop_event: threading.Event,
         heartbeat: Callable[[], None],
         clocks: Clocks | None = None,
-        before_stop: Callable[[Verdict, dict[str, Any]], None] | None = None,
+        before_stop: Callable[[Verdict, dict[str, Any]], dict[str, Any]] | None = None,
         on_poll: Callable[[], None] | None = None,
+        health_gate: HealthGate | None = None,
     ):
-        """``before_stop`` runs after a stall verdict, before the trainer is stopped (e.g. to
-        save an incident report while the hung processes can still be inspected);
-        ``on_poll`` after every poll (live line, step rate, metrics)."""
+        """``before_stop`` runs on a stall verdict, before it is logged and the trainer is
+        stopped: it inspects the hung processes (and saves an incident report) and returns
+        the diagnosis's figures for the ``stall_detected`` line;
+        ``on_poll`` after every poll (live line, step rate, metrics); ``health_gate`` checks
+        the GPU between stopping a trainer and relaunching it (modes that stop it first)."""
         self.options = options
         self.policy = options.policy
         self.rules = options.rules
@@ -85,6 +102,7 @@ class Watchdog:
             log=log,
             wait=self._wait,
             monotonic=self.clocks.monotonic,
+            gate=health_gate,
         )
         self.visibility = TrainerVisibility(restarter, log)
         self.interruptions = Interruptions(
@@ -543,15 +561,33 @@ class Watchdog:
                 self._stop_trainer("training completed; it did not exit")
             return self._run_over(EXIT_COMPLETED)
         event = _VERDICT_EVENTS[verdict.kind]
+        if verdict.kind is VerdictKind.STALL:
+            # Every stall carries a class, looked at while the hung processes can still be
+            # inspected (before the stop), so that the line people alert on says what hung.
+            figures.update(self._diagnose(verdict, figures))
+            verdict = dataclasses.replace(verdict, figures={**verdict.figures, **figures})
         self.log.warning(event, reason=verdict.reason, **figures)
+        if verdict.kind is VerdictKind.STALL:
+            tell_repeat(
+                self._run,
+                verdict,
+                self.log,
+                remediate=self.options.remediate and self.restarter.acts,
+            )
         if not self.restarter.acts:
             return None  # detect-only: report, then wait for progress to resume
-        if self._before_stop is not None and verdict.kind is VerdictKind.STALL:
+        return self._recover(verdict, wall)
+
+    def _diagnose(self, verdict: Verdict, figures: dict[str, Any]) -> dict[str, Any]:
+        """The hang's class from the hook (stacks, threads, section), or from the section."""
+        if self._before_stop is not None:
             try:
-                self._before_stop(verdict, figures)
+                return self._before_stop(verdict, figures)
             except Exception as error:  # a report must never block recovery
                 self.log.error(events.INCIDENT_REPORT_FAILED, error=repr(error))
-        return self._recover(verdict, wall)
+        named = str(figures.get("section"))
+        section = Section(named) if named in Section._value2member_map_ else None
+        return diagnose(Evidence(section=section, stacks_missing="not looked at")).figures()
 
     def _recover(self, verdict: Verdict, wall: float) -> int | None:
         assert self._run is not None
@@ -564,10 +600,10 @@ class Watchdog:
         return self._after_recovery(outcome, verdict)
 
     def _after_recovery(self, outcome: Outcome, verdict: Verdict) -> int | None:
-        if outcome.kind is OutcomeKind.GAVE_UP:
+        if outcome.kind in _STOP_CODES:
             if self._run is not None:
                 self._run.observer.forget_launch()  # no launch follows this mark
-            return self._run_over(EXIT_GAVE_UP)
+            return self._run_over(_STOP_CODES[outcome.kind])
         if outcome.kind is OutcomeKind.LEFT_TO_RUNTIME:
             # The runtime's restart policy brings it back; _maybe_begin sees it return.
             self._forget_attempt()

@@ -65,7 +65,25 @@ def _process_restarter(settings: Settings, paths: RunPaths, log: Any) -> Restart
         echo=default_echo() if settings.echo_trainer_output else None,
         log=log.info,
         pid_file=TrainerPidFile(paths.state_dir),
+        environment=lambda: flight_recorder_environment(paths),
     )
+
+
+def flight_recorder_environment(paths: RunPaths) -> dict[str, str]:
+    """The NCCL flight recorder's variables when train.sh starts more than one process
+    (collectives that can hang); nothing for a single-process launch."""
+    from sidecar.observe.flight_recorder import recorder_environment
+    from sidecar.run.paths import RunSetupError, read_train_script
+
+    try:
+        _, command = read_train_script(paths.train_script, paths.trainer)
+    except RunSetupError:
+        return {}
+    if paths.trainer.launch_ranks(command) <= 1:
+        return {}
+    folder = paths.flight_recorder
+    folder.mkdir(parents=True, exist_ok=True)
+    return recorder_environment(folder)
 
 
 def _pod_restarter(
@@ -139,6 +157,7 @@ def recovery_rules_of(settings: Settings) -> RecoveryRules:
         backoff=settings.restart_backoff,
         backoff_max=settings.restart_backoff_max,
         startup_grace=settings.startup_grace,
+        max_futile=settings.max_futile_recoveries,
     )
 
 
@@ -158,6 +177,7 @@ def loop_options_of(settings: Settings) -> LoopOptions:
         policy=policy_of(settings),
         rules=recovery_rules_of(settings),
         max_lost_work=settings.max_lost_work,
+        remediate=settings.remediate,
         interruptions=InterruptionOptions(
             resume=settings.resume_interrupted, max_in_a_row=settings.max_interruptions
         ),

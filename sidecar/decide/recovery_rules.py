@@ -22,9 +22,15 @@ class RecoveryRules:
     backoff: float  # the first delay, doubled per recovery that found nothing newer
     backoff_max: float
     startup_grace: float  # how long the runtime may take to bring a trainer back
+    max_futile: int = 3  # recoveries in a row from the same checkpoint before stopping
 
     def budget_spent(self, restarts: int) -> bool:
         return restarts >= self.max_restarts
+
+    def futile(self, streak: int) -> bool:
+        """``streak`` recoveries in a row whose failed attempt saved nothing (the relaunch
+        resumes from the same or an older state): relaunching again is futile."""
+        return streak >= self.max_futile
 
     def budget_left(self, restarts: int) -> int:
         return self.max_restarts - restarts
@@ -54,3 +60,19 @@ def rearm_after_stall(state: RunState, seen: Observation) -> bool:
     """Detect-only mode reports a stall and then waits: progress afterwards starts a new
     watch of the same trainer (it recovered by itself, or a person fixed it)."""
     return state.phase is Phase.STALLED and is_progress(seen)
+
+
+def made_progress(
+    chosen_completed_at: float | None,
+    *,
+    attempt_launched_at: float | None,
+    previous_completed_at: float | None,
+) -> bool:
+    """Whether the failed attempt left something newer to resume from: the state chosen
+    now was completed after it launched (or, with no attempt on record, after the state
+    resumed before). Falling back to an older state, or to the beginning, is no progress."""
+    if chosen_completed_at is None:
+        return False
+    if attempt_launched_at is not None:
+        return chosen_completed_at >= attempt_launched_at
+    return previous_completed_at is None or chosen_completed_at > previous_completed_at

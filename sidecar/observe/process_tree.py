@@ -126,6 +126,25 @@ def terminate_tree(
     return wait_until_gone(alive, timeout=10.0)
 
 
+def kernel_view(processes: Sequence[psutil.Process]) -> list[dict[str, object]]:
+    """Pid, state letter and wait channel of each process, as /proc shows them now."""
+    rows: list[dict[str, object]] = []
+    for process in processes:
+        row: dict[str, object] = {"pid": process.pid}
+        for key, path in (("stat", "stat"), ("wchan", "wchan")):
+            try:
+                with open(f"/proc/{process.pid}/{path}", encoding="utf-8", errors="replace") as f:
+                    text = f.read(4096).strip()
+            except OSError:
+                continue
+            if key == "stat":
+                row["state"] = text[text.rfind(")") + 2 :].split(" ", 1)[0] if ")" in text else None
+            else:
+                row["wchan"] = text or None
+        rows.append(row)
+    return rows
+
+
 def wait_until_gone(
     processes: Sequence[psutil.Process], *, timeout: float, interval: float = 0.05
 ) -> list[psutil.Process]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from sidecar.decide.diagnosis import ThreadStack
 
 
 def find_py_spy() -> str | None:
@@ -112,3 +116,49 @@ def py_spy_dumps(
     finally:
         # Every path (a later start failing, an exception) ends the dumps already started.
         _end([process for _, process in running])
+
+
+_THREAD_LINE = re.compile(r'^Thread (?P<id>\S+) \((?P<status>[^)]*)\)(?::\s*"(?P<name>.*)")?\s*$')
+_FRAME_LINE = re.compile(r"^\s+(?P<function>\S+) \((?P<file>[^()]*?)(?::\d+)?\)\s*$")
+
+
+def parse_dump(pid: int, text: str) -> tuple[ThreadStack, ...]:
+    """The threads of one ``py-spy dump`` and their frames, innermost first.
+
+    py-spy prints ``Thread 4242 (idle): "MainThread"`` and then one indented
+    ``function (file:line)`` line per frame; anything else (its header, an error) is skipped.
+    """
+    stacks: list[ThreadStack] = []
+    current: dict[str, Any] | None = None
+
+    def close() -> None:
+        if current is not None:
+            stacks.append(
+                ThreadStack(
+                    pid=pid,
+                    thread=current["id"],
+                    name=current["name"],
+                    active=current["active"],
+                    frames=tuple(current["frames"]),
+                    files=tuple(current["files"]),
+                )
+            )
+
+    for line in text.splitlines():
+        thread = _THREAD_LINE.match(line)
+        if thread is not None:
+            close()
+            current = {
+                "id": thread["id"],
+                "name": thread["name"],
+                "active": "active" in thread["status"],
+                "frames": [],
+                "files": [],
+            }
+            continue
+        frame = _FRAME_LINE.match(line)
+        if frame is not None and current is not None:
+            current["frames"].append(frame["function"])
+            current["files"].append(frame["file"])
+    close()
+    return tuple(stacks)

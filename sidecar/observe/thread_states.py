@@ -18,6 +18,7 @@ from sidecar.observe.process_tree import tree_of
 
 MAX_THREADS = 32  # per process; a trainer has a few dozen (CUDA, dataloader, pin-memory)
 _CMDLINE_CHARS = 1000
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def trainer_processes(pids: Sequence[int]) -> list[psutil.Process]:
@@ -49,7 +50,7 @@ def describe_process(process: psutil.Process) -> dict[str, Any]:
     except psutil.AccessDenied as error:
         row["access_denied"] = str(error)
     row["wchan"] = _proc_text(f"/proc/{process.pid}/wchan")
-    row["threads"] = _threads(process.pid)
+    row["threads"] = thread_rows(process.pid)
     return row
 
 
@@ -60,7 +61,7 @@ def _io(process: psutil.Process) -> dict[str, int] | None:
         return None  # another UID, or a platform without /proc/<pid>/io
 
 
-def _threads(pid: int) -> list[dict[str, Any]]:
+def thread_rows(pid: int) -> list[dict[str, Any]]:
     """State and wait channel of each thread: where a hang is, the kernel often knows."""
     try:
         tids = sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
@@ -72,15 +73,25 @@ def _threads(pid: int) -> list[dict[str, Any]]:
         # "tid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ")"
         name = stat[stat.find("(") + 1 : stat.rfind(")")] if ")" in stat else None
         state = stat[stat.rfind(")") + 2 :].split(" ", 1)[0] if ")" in stat else None
+        fields = stat[stat.rfind(")") + 2 :].split(" ") if ")" in stat else []
         threads.append(
             {
                 "tid": tid,
                 "name": name,
                 "state": state,
                 "wchan": _proc_text(f"/proc/{pid}/task/{tid}/wchan"),
+                "cpu_seconds": _cpu_seconds(fields),
             }
         )
     return threads
+
+
+def _cpu_seconds(fields: list[str]) -> float | None:
+    """utime + stime (fields 14 and 15 of stat, 12th and 13th after the state) in seconds."""
+    try:
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (IndexError, ValueError):
+        return None
 
 
 def _proc_text(path: str) -> str | None:

@@ -16,9 +16,15 @@ from typing import Any
 from sidecar import events
 from sidecar.checkpoints.choice import NoCheckpointLeft
 from sidecar.decide.decision import Verdict
-from sidecar.decide.recovery_rules import RecoveryRules, leave_restart_to_runtime
+from sidecar.decide.health_gate import Gate
+from sidecar.decide.recovery_rules import (
+    RecoveryRules,
+    leave_restart_to_runtime,
+    made_progress,
+)
+from sidecar.recover.health_gate import HealthGate
 from sidecar.recover.resume_point import ResumePointer
-from sidecar.restarters.base import Restarter, RestartError
+from sidecar.restarters.base import Restarter, RestartError, SurvivedKill
 from sidecar.run.record import RunRecord
 from sidecar.trainers import LaunchScriptError
 
@@ -29,6 +35,10 @@ class OutcomeKind(Enum):
     RETRY = "retry"  # nothing changed (a full disk): try again at the next poll
     GAVE_UP = "gave up"
     SHUTTING_DOWN = "shutting down"  # a stop was requested during the backoff
+    # Stops that another relaunch cannot fix (each with its own exit code in process mode):
+    NO_PROGRESS = "no progress"  # the same checkpoint failed again and again: do not requeue
+    GPU_NEEDS_RESET = "gpu needs reset"  # lost, XID, or the driver's recovery action says so
+    HOST_NEEDS_ATTENTION = "host needs attention"  # processes SIGKILL cannot end (state D)
 
 
 @dataclass(frozen=True)
@@ -46,9 +56,12 @@ class Recovery:
         log: Any,
         wait: Callable[[float], bool],
         monotonic: Callable[[], float],
+        gate: HealthGate | None = None,
     ) -> None:
-        """``wait(seconds)`` sleeps and returns True when the sidecar is told to stop."""
+        """``wait(seconds)`` sleeps and returns True when the sidecar is told to stop;
+        ``gate`` checks the GPU between stopping the trainer and relaunching it."""
         self.restarter = restarter
+        self.gate = gate
         self.rules = rules
         self.log = log
         self._wait = wait
@@ -66,8 +79,10 @@ class Recovery:
     ) -> Outcome:
         """``retrying``: the previous call returned RETRY, so the trainer is already stopped."""
         restarter = self.restarter
-        if restarter.stop_before_rewrite and not retrying and not self._stop(record):
-            return Outcome(OutcomeKind.GAVE_UP)
+        if restarter.stop_before_rewrite and not retrying:
+            stopped = self._stop_and_check(record)
+            if stopped is not None:
+                return stopped
         if record.ledger.abandoned:
             return self.give_up(record, "the run was abandoned by the user: not recovered")
         if self.rules.budget_spent(record.ledger.restarts):
@@ -75,6 +90,9 @@ class Recovery:
         # No settling: a stalled trainer wrote nothing for the whole stall timeout and a
         # crashed or stopped one writes nothing at all, so every file is as complete as it
         # will get — and a wall clock that jumped cannot make a good checkpoint look fresh.
+        failed = record.ledger.attempts[-1] if record.ledger.attempts else None
+        failed_from = failed.resumed_from if failed else None
+        previous_completed_at = record.ledger.current_checkpoint_completed_at
         try:
             choice = pointer.choose_and_point(record.ledger, now=wall, settle=0.0)
         except NoCheckpointLeft as error:
@@ -90,8 +108,31 @@ class Recovery:
             return Outcome(OutcomeKind.RETRY)
         self._last_error = None
         record.ledger = choice.ledger
-        record.ledger.record_recovery(verdict.kind.value, verdict.reason, choice.path)
+        record.ledger.record_recovery(
+            verdict.kind.value,
+            verdict.reason,
+            choice.path,
+            diagnosis=verdict.figures.get("diagnosis"),
+            failed_from=failed_from,
+        )
+        progressed = made_progress(
+            choice.checkpoint.completed_at if choice.checkpoint else None,
+            attempt_launched_at=failed.launched_at if failed else None,
+            previous_completed_at=previous_completed_at,
+        )
+        ledger = record.ledger
+        ledger.futile_recoveries = 0 if progressed else ledger.futile_recoveries + 1
         record.save()
+        if self.rules.futile(ledger.futile_recoveries):
+            return self.stop_run(
+                record,
+                OutcomeKind.NO_PROGRESS,
+                f"{ledger.futile_recoveries} recoveries in a row and none of the attempts "
+                "between them saved a newer state (the next would resume from "
+                f"{choice.path or 'the beginning'}): another relaunch would fail the same way "
+                f"(SIDECAR_MAX_FUTILE_RECOVERIES={self.rules.max_futile}); see the incidents "
+                "and their diagnosis",
+            )
         delay = self.rules.backoff_delay(record.ledger.consecutive_failures)
         if delay > 0:
             self.log.info(events.RESTART_BACKOFF, seconds=delay)
@@ -122,28 +163,53 @@ class Recovery:
         self.log.warning(events.TRAINER_CRASHED, reason=reason, checkpoint=choice.path)
 
     def give_up(self, record: RunRecord, reason: str) -> Outcome:
+        return self.stop_run(record, OutcomeKind.GAVE_UP, reason)
+
+    def stop_run(
+        self, record: RunRecord, kind: OutcomeKind, reason: str, **evidence: Any
+    ) -> Outcome:
+        """Give the run up: ``kind`` says why (the budget, no progress, the GPU, the host)."""
         record.ledger.gave_up = True
+        record.ledger.stopped_because = kind.value
         record.save()
         self.log.error(
             events.GAVE_UP,
             reason=reason,
+            stopped_because=kind.value,
             restarts=record.ledger.restarts,
             max_restarts=self.rules.max_restarts,
             quarantined=record.ledger.quarantined,
             note="train.sh and every checkpoint are left as they are",
+            **evidence,
         )
-        return Outcome(OutcomeKind.GAVE_UP)
+        return Outcome(kind)
 
-    def _stop(self, record: RunRecord) -> bool:
+    def _stop_and_check(self, record: RunRecord) -> Outcome | None:
+        """Stop the trainer, then wait (bounded) for the GPU to be fit for the relaunch;
+        an Outcome when the run cannot go on, None when it can."""
+        holders = self.gate.holders(self.restarter.trainer_pids()) if self.gate else frozenset()
         stopping_since = self._monotonic()
         try:
             self.restarter.stop()
+        except SurvivedKill as error:
+            self.log.error(
+                events.HOST_NEEDS_ATTENTION, reason=str(error), processes=error.survivors
+            )
+            return self.stop_run(
+                record, OutcomeKind.HOST_NEEDS_ATTENTION, str(error), processes=error.survivors
+            )
         except RestartError as error:
             self.log.error(events.RESTART_FAILED, reason=str(error))
-            self.give_up(record, str(error))
-            return False
+            return self.give_up(record, str(error))
         self.log.info(events.TRAINER_STOPPED, seconds=round(self._monotonic() - stopping_since, 3))
-        return True
+        if self.gate is None:
+            return None
+        decision = self.gate.wait_until_released(holders)
+        if decision.gate is Gate.GPU_NEEDS_RESET:
+            return self.stop_run(
+                record, OutcomeKind.GPU_NEEDS_RESET, decision.reason, gpu=decision.figures
+            )
+        return None
 
 
 def _problem_of(error: Exception) -> str:

@@ -13,6 +13,24 @@ class RestartError(Exception):
     """The trainer could not be stopped or (re)started; the message says why."""
 
 
+class SurvivedKill(RestartError):
+    """Trainer processes outlived SIGKILL: they sleep uninterruptibly in the kernel (a hung
+    file system, a driver call), and a second trainer must never join them. ``survivors``
+    says what the kernel shows of each (pid, state, wait channel)."""
+
+    def __init__(self, survivors: list[dict[str, object]]) -> None:
+        pids = [row["pid"] for row in survivors]
+        super().__init__(
+            f"trainer processes {pids} survived SIGKILL (uninterruptible sleep in the kernel: "
+            + "; ".join(
+                f"pid {row['pid']} state {row.get('state') or '?'} in {row.get('wchan') or '?'}"
+                for row in survivors
+            )
+            + "); not starting a second trainer beside them: the host needs attention"
+        )
+        self.survivors = survivors
+
+
 @dataclass(frozen=True)
 class TrainerStatus:
     running: bool

@@ -25,9 +25,9 @@ import psutil
 import tenacity
 
 from sidecar import events
-from sidecar.observe.process_tree import group_members, terminate_tree, tree_of
+from sidecar.observe.process_tree import group_members, kernel_view, terminate_tree, tree_of
 from sidecar.observe.trainer_processes import script_runner
-from sidecar.restarters.base import RestartError, TrainerStatus
+from sidecar.restarters.base import RestartError, SurvivedKill, TrainerStatus
 from sidecar.restarters.signal import stop_trees
 from sidecar.run.lock import TrainerPidFile
 from sidecar.run.paths import RunPaths
@@ -55,7 +55,10 @@ class ProcessRestarter:
         launch_attempts: int = 3,
         launch_sleep: Callable[[float], None] | None = None,
         pid_file: TrainerPidFile | None = None,
+        environment: Callable[[], dict[str, str]] | None = None,
     ):
+        """``environment``: variables added to the trainer's at each launch (the NCCL
+        flight recorder's, for a launch of more than one process)."""
         self.train_script = train_script
         self.workdir = workdir
         self.train_log = train_log
@@ -65,6 +68,7 @@ class ProcessRestarter:
         self._launch_attempts = launch_attempts
         self._launch_sleep = launch_sleep
         self._pid_file = pid_file
+        self._environment = environment
         self._adopted: psutil.Process | None = None  # a trainer an earlier sidecar launched
         self._process: subprocess.Popen[bytes] | None = None
         self._echo_thread: LogEcho | None = None
@@ -142,10 +146,7 @@ class ProcessRestarter:
         if self._echo_thread is not None:
             self._echo_thread.copy_new()  # the trainer's last words
         if survivors:
-            raise RestartError(
-                f"trainer processes {[p.pid for p in survivors]} survived SIGKILL "
-                "(uninterruptible I/O?); not starting a second trainer beside them"
-            )
+            raise SurvivedKill(kernel_view(survivors))
 
     @property
     def pid(self) -> int | None:
@@ -174,9 +175,11 @@ class ProcessRestarter:
     def _launch(self) -> None:
         self.train_log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.train_log, "ab") as log_file:  # the child keeps its own descriptors
+            extra = self._environment() if self._environment is not None else {}
             self._process = subprocess.Popen(
                 ["bash", str(self.train_script)],
                 cwd=self.workdir,
+                env={**os.environ, **extra} if extra else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

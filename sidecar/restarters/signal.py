@@ -22,9 +22,9 @@ from typing import Any
 import psutil
 
 from sidecar import events
-from sidecar.observe.process_tree import terminate_tree, tree_of
+from sidecar.observe.process_tree import kernel_view, terminate_tree, tree_of
 from sidecar.observe.trainer_processes import attempt_key, find_trainer_processes
-from sidecar.restarters.base import RestartError, TrainerStatus
+from sidecar.restarters.base import RestartError, SurvivedKill, TrainerStatus
 from sidecar.run.paths import RunPaths
 
 
@@ -119,4 +119,4 @@ def _terminate(
     except (PermissionError, psutil.AccessDenied) as error:
         raise RestartError(denied.format(error=error)) from error
     if survivors:
-        raise RestartError(f"trainer processes {[p.pid for p in survivors]} survived SIGKILL")
+        raise SurvivedKill(kernel_view(survivors))

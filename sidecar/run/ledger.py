@@ -35,6 +35,10 @@ class Recovery:
     reason: str
     kind: str  # stall | crash
     checkpoint: str | None  # sidecar-view path resumed from; None = from scratch
+    diagnosis: str | None = None  # a stall's hang class (decide/diagnosis.HangClass)
+    # The checkpoint the failed attempt had resumed from: the same class from the same
+    # checkpoint again is a repeat, told with its mitigation.
+    failed_from: str | None = None
 
 
 @dataclass
@@ -70,6 +74,9 @@ class Ledger:
     # folder name: the completion time tells a rewritten checkpoint from the one resumed.
     current_checkpoint_completed_at: float | None = None
     consecutive_failures: int = 0  # recoveries with no new checkpoint in between (backoff)
+    # Recoveries in a row whose failed attempt saved no newer state (SIDECAR_MAX_FUTILE_
+    # RECOVERIES); unlike the backoff's count, a fallback to an older state does not reset it.
+    futile_recoveries: int = 0
     completed: bool = False
     gave_up: bool = False
     attempts: list[Attempt] = field(default_factory=list)
@@ -87,14 +94,33 @@ class Ledger:
     interruptions: list[Interruption] = field(default_factory=list)
     consecutive_interruptions: int = 0  # in a row, with no newer complete state in between
     abandoned: bool = False  # the user said: do not resume this run
+    # Why the run was given up: the restart budget ("gave up"), "no progress", "gpu needs
+    # reset" or "host needs attention" (recover/recovery.OutcomeKind).
+    stopped_because: str | None = None
+    remedies: list[str] = field(default_factory=list)  # hang classes whose remedy was applied
 
     @property
     def restarts(self) -> int:
         return len(self.recoveries)
 
-    def record_recovery(self, kind: str, reason: str, checkpoint: str | None) -> None:
+    def record_recovery(
+        self,
+        kind: str,
+        reason: str,
+        checkpoint: str | None,
+        *,
+        diagnosis: str | None = None,
+        failed_from: str | None = None,
+    ) -> None:
         self.recoveries.append(
-            Recovery(at=_utc_now(), reason=reason, kind=kind, checkpoint=checkpoint)
+            Recovery(
+                at=_utc_now(),
+                reason=reason,
+                kind=kind,
+                checkpoint=checkpoint,
+                diagnosis=diagnosis,
+                failed_from=failed_from,
+            )
         )
 
     @property

@@ -37,6 +37,11 @@ class RunPaths:
     path_map: PathMap
     trainer: Trainer = SD_SCRIPTS  # whose launch script, state folders and progress lines
 
+    @property
+    def flight_recorder(self) -> Path:
+        """Where a multi-process launch's ranks keep their NCCL dump FIFOs and dumps."""
+        return self.state_dir / "flight-recorder"
+
     def final_model_present(self, since: float | None = None) -> bool:
         """Whether the final model is there, written at ``since`` or later (None: ever)."""
         written = self.final_model_mtime()

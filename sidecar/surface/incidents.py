@@ -1,9 +1,12 @@
-"""Incident bundles: what a hung trainer looked like, saved before it is killed.
+"""Incident bundles: what a hung trainer looked like, and what kind of hang it is.
 
 After the restart nobody can ask the hung processes anything any more, so the
-``before_stop`` hook saves ``<state dir>/incidents/<UTC timestamp>/`` first:
+``before_stop`` hook looks at them twice (``observe/hang_evidence``), classifies the hang
+(``decide/diagnosis``: the class goes into the ``stall_detected`` line) and saves
+``<state dir>/incidents/<UTC timestamp>/``:
 
-- ``verdict.json``   the verdict, its reason and figures;
+- ``verdict.json``   the verdict, its reason and figures, the diagnosis among them;
+- ``diagnosis.json`` the hang's class, its evidence, what it was based on, the mitigation;
 - ``train.log.tail`` the end of the trainer's log;
 - ``processes.json`` / ``processes.txt``  the trainer's process tree: state and kernel wait
   channel of every process and thread (a dataloader worker blocked on a pipe, a thread in a
@@ -41,16 +44,20 @@ import structlog
 
 from sidecar import __version__, events
 from sidecar.decide.decision import Verdict
-from sidecar.observe.gpu import GpuMonitor
+from sidecar.decide.diagnosis import Diagnosis, diagnose
+from sidecar.decide.sections import Section
+from sidecar.observe.flight_recorder import request_dumps
+from sidecar.observe.gpu import GpuMonitor, GpuReading
+from sidecar.observe.hang_evidence import Gathered, evidence, gather
 from sidecar.observe.log_follower import tail_text
-from sidecar.observe.python_stacks import PySpyRuns, py_spy_dumps
-from sidecar.observe.thread_states import describe_process, trainer_processes
+from sidecar.observe.python_stacks import PySpyRuns
 
 INCIDENTS_FOLDER = "incidents"
 LOG_TAIL_BYTES = 256 * 1024
 STACK_BYTES = 256 * 1024
-MAX_PROCESSES = 64
-MAX_PYSPY_PROCESSES = 8
+FLIGHT_RECORDER_WAIT = 2.0  # seconds for the ranks' heartbeat threads (1 s polls) to dump
+FLIGHT_DUMP_BYTES = 8 * 1024 * 1024
+_BUSY_PERCENT = 90  # NVML's coarse utilisation: a GPU this busy runs kernels all the time
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class IncidentSources:
     state_dir: Path
     train_log: Path
     pids: Sequence[int]
+    ranks: int = 1  # processes the launch starts (more than one: collectives between them)
+    flight_recorder: Path | None = None  # the ranks' NCCL dump FIFOs, when they made them
 
 
 class IncidentRecorder:
@@ -75,8 +84,10 @@ class IncidentRecorder:
         budget: float = 5.0,
         py_spy: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        window: float = 0.5,
     ):
-        """``py_spy``: the py-spy executable (``shutil.which("py-spy")``), or None."""
+        """``window``: seconds between the two looks at the trainer; ``py_spy``: the py-spy
+        executable (``shutil.which("py-spy")``), or None."""
         self._sources = sources
         self.keep = keep
         self._gpu = gpu
@@ -84,38 +95,37 @@ class IncidentRecorder:
         self.budget = budget
         self._py_spy = py_spy
         self._clock = clock
+        self.window = window
+        self._said_stacks_missing = False
 
-    def __call__(self, verdict: Verdict, figures: dict[str, Any]) -> None:
-        self.save(verdict, figures)
+    def __call__(self, verdict: Verdict, figures: dict[str, Any]) -> dict[str, Any]:
+        """Diagnose the hang and save its bundle; the diagnosis goes into the verdict's line."""
+        diagnosis, _ = self.inspect(verdict, figures)
+        return diagnosis.figures() if diagnosis is not None else {}
 
     def save(self, verdict: Verdict, figures: dict[str, Any]) -> Path | None:
         """The bundle's folder; None when bundles are off or no run is watched."""
-        if self.keep <= 0:
-            return None
+        return self.inspect(verdict, figures)[1]
+
+    def inspect(
+        self, verdict: Verdict, figures: dict[str, Any]
+    ) -> tuple[Diagnosis | None, Path | None]:
+        """Look at the hung trainer (bounded by ``budget``), classify the hang, and save the
+        bundle (unless bundles are off). None for both when no run is watched."""
         sources = self._sources()
         if sources is None:
-            return None
+            return None, None
         started = self._clock()
         deadline = started + self.budget
         pieces: dict[str, str] = {}
         skipped: dict[str, str] = {}
-        pieces["verdict.json"] = _json(
-            {
-                "kind": verdict.kind.value,
-                "reason": verdict.reason,
-                "figures": figures,
-                "saved_at": _utc_now().isoformat(timespec="seconds"),
-                "host": socket.gethostname(),
-                "sidecar_version": __version__,
-                "pids": list(sources.pids),
-            }
-        )
         # NVML on this (the loop's) thread: its handles are the loop's, and it answers in ms.
-        self._gpu_piece(pieces, skipped)
+        reading = self._gpu_piece(pieces, skipped)
         dumps = PySpyRuns()
+        gathered = Gathered()
         worker = threading.Thread(
             target=self._gather,
-            args=(sources, deadline, pieces, skipped, dumps),
+            args=(sources, deadline, pieces, skipped, dumps, gathered),
             name="incident",
             daemon=True,
         )
@@ -126,10 +136,68 @@ class IncidentRecorder:
         # The worker may be abandoned mid-dump (or before its first): no py-spy of this
         # bundle may outlive it, attached to the trainer or left unreaped.
         dumps.end_all()
-        folder = self._write(
-            sources.state_dir / INCIDENTS_FOLDER, dict(pieces), dict(skipped), started
+        diagnosis = self._diagnose(gathered, figures, reading, sources.ranks)
+        if self.keep <= 0:
+            return diagnosis, None
+        self._bundle_pieces(gathered, pieces, skipped)
+        pieces["verdict.json"] = _json(
+            {
+                "kind": verdict.kind.value,
+                "reason": verdict.reason,
+                "figures": {**figures, **diagnosis.figures()},
+                "saved_at": _utc_now().isoformat(timespec="seconds"),
+                "host": socket.gethostname(),
+                "sidecar_version": __version__,
+                "pids": list(sources.pids),
+            }
         )
-        return folder
+        pieces["diagnosis.json"] = _json(
+            {
+                "class": diagnosis.kind.value,
+                "description": diagnosis.description,
+                "basis": diagnosis.basis,
+                "evidence": list(diagnosis.evidence),
+                "stacks_unchanged": diagnosis.stacks_unchanged,
+                "notes": list(diagnosis.notes),
+                "mitigation": diagnosis.mitigation,
+            }
+        )
+        folder = self._write(
+            sources.state_dir / INCIDENTS_FOLDER,
+            {**pieces, **dict(gathered.flight_dumps)},
+            dict(skipped),
+            started,
+        )
+        return diagnosis, folder
+
+    def _diagnose(
+        self,
+        gathered: Gathered,
+        figures: dict[str, Any],
+        reading: GpuReading | None,
+        ranks: int,
+    ) -> Diagnosis:
+        named = str(figures.get("section"))
+        seen = evidence(
+            gathered,
+            section=Section(named) if named in Section._value2member_map_ else None,
+            gpu_error=reading.error if reading is not None else None,
+            gpu_busy=(
+                any(s.utilization_percent >= _BUSY_PERCENT for s in reading.samples)
+                if reading is not None and reading.samples
+                else None
+            ),
+            ranks=ranks,
+            flight_recorder=gathered.flight_recorder,
+        )
+        if seen.stacks_missing and not self._said_stacks_missing:
+            self._said_stacks_missing = True  # said once; every diagnosis notes it
+            self._log.info(
+                events.STACKS_UNAVAILABLE,
+                reason=seen.stacks_missing,
+                falls_back_to="thread states from /proc and the trainer's output",
+            )
+        return diagnose(seen)
 
     # -- gathering (worker thread; may be abandoned) ---------------------------------------
 
@@ -140,52 +208,97 @@ class IncidentRecorder:
         pieces: dict[str, str],
         skipped: dict[str, str],
         dumps: PySpyRuns,
+        gathered: Gathered,
     ) -> None:
         try:
             pieces["train.log.tail"] = tail_text(sources.train_log, LOG_TAIL_BYTES)
         except OSError as error:
             skipped["train.log.tail"] = str(error)
-        processes = trainer_processes(sources.pids)
-        table = [describe_process(process) for process in processes[:MAX_PROCESSES]]
+        if sources.flight_recorder is not None:
+            # First, while the hung ranks' heartbeat threads still answer: which is behind.
+            self._flight_dumps(sources.flight_recorder, deadline, pieces, skipped, gathered)
+        gather(
+            sources.pids,
+            gathered,
+            py_spy=self._py_spy,
+            dumps=dumps,
+            deadline=deadline,
+            window=self.window,
+            clock=self._clock,
+        )
+
+    def _flight_dumps(
+        self,
+        folder: Path,
+        deadline: float,
+        pieces: dict[str, str],
+        skipped: dict[str, str],
+        gathered: Gathered,
+    ) -> None:
+        wait = min(FLIGHT_RECORDER_WAIT, max(deadline - self._clock() - 2.0, 0.0))
+        dumps = request_dumps(folder, wait=wait, clock=self._clock)
+        if dumps is None:
+            return  # no rank made a FIFO: one process, or a trainer without the recorder
+        gathered.flight_recorder = dumps.summary
+        pieces["flight-recorder/summary.txt"] = dumps.summary + "\n"
+        for rank, path in sorted(dumps.dumped.items()):
+            try:
+                data = path.read_bytes()[:FLIGHT_DUMP_BYTES]
+            except OSError as error:
+                skipped[f"flight-recorder/rank{rank}"] = str(error)
+                continue
+            gathered.flight_dumps[f"flight-recorder/rank{rank}.pickle"] = data
+        if dumps.missing:
+            skipped["flight-recorder"] = f"no dump from ranks {dumps.missing}"
+
+    @staticmethod
+    def _bundle_pieces(gathered: Gathered, pieces: dict[str, str], skipped: dict[str, str]) -> None:
+        table = list(gathered.rows)
         pieces["processes.json"] = _json(table)
         pieces["processes.txt"] = _process_table(table)
-        if len(processes) > MAX_PROCESSES:
-            skipped["processes"] = f"{len(processes) - MAX_PROCESSES} more processes not shown"
-        if self._py_spy is None:
-            skipped["stacks"] = "py-spy is not installed"
-            return
-        pythons = [row["pid"] for row in table if _is_python(row)][:MAX_PYSPY_PROCESSES]
-        if not pythons:
-            skipped["stacks"] = "no Python process in the trainer's tree"
-            return
-        for pid, text in py_spy_dumps(dumps, self._py_spy, pythons, deadline - 0.3, self._clock):
-            pieces[f"stacks/{pid}.txt"] = text[-STACK_BYTES:]
+        if gathered.more_processes:
+            skipped["processes"] = f"{gathered.more_processes} more processes not shown"
+        if gathered.stacks_missing:
+            skipped["stacks"] = gathered.stacks_missing
+        if gathered.stacks:
+            for pid, text in gathered.stacks[-1].items():
+                pieces[f"stacks/{pid}.txt"] = text[-STACK_BYTES:]
 
-    def _gpu_piece(self, pieces: dict[str, str], skipped: dict[str, str]) -> None:
+    def _gpu_piece(self, pieces: dict[str, str], skipped: dict[str, str]) -> GpuReading | None:
         reading = None
         if self._gpu is not None:
             try:
                 reading = self._gpu.sample()
             except Exception as error:  # a report must not fail on a GPU glitch
                 skipped["gpu.json"] = repr(error)
-                return
+                return None
         if reading is None:
             skipped["gpu.json"] = "NVML unavailable"
-            return
+            return None
         pieces["gpu.json"] = _json(
             {"error": reading.error, "samples": [asdict(sample) for sample in reading.samples]}
         )
+        return reading
 
     # -- writing (the hook's own thread) -----------------------------------------------------
 
     def _write(
-        self, incidents: Path, pieces: dict[str, str], skipped: dict[str, str], started: float
+        self,
+        incidents: Path,
+        pieces: dict[str, str | bytes],
+        skipped: dict[str, str],
+        started: float,
     ) -> Path:
         name = _unique_name(incidents)
         work = incidents / f".{name}.partial"
         (work / "stacks").mkdir(parents=True, exist_ok=True)
-        for relative, text in pieces.items():
-            (work / relative).write_text(text, encoding="utf-8", errors="replace")
+        for relative, content in pieces.items():
+            target = work / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8", errors="replace")
         if not any((work / "stacks").iterdir()):
             (work / "stacks").rmdir()
         files = {
@@ -262,11 +375,6 @@ def _process_table(rows: list[dict[str, Any]]) -> str:
                 f"{thread['wchan'] or '-'} {thread['name'] or ''}"
             )
     return "\n".join(lines) + "\n"
-
-
-def _is_python(row: dict[str, Any]) -> bool:
-    first = str(row.get("cmdline", "")).split(" ", 1)[0]
-    return "python" in Path(first).name or "python" in str(row.get("name", ""))
 
 
 # -- helpers -----------------------------------------------------------------------------------

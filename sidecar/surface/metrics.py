@@ -28,6 +28,7 @@ from sidecar import __version__, events
 from sidecar.checkpoints.choice import newest_resumable
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.decide.decision import Phase
+from sidecar.decide.diagnosis import HangClass
 from sidecar.observe.gpu import GpuMonitor, GpuReading
 from sidecar.run.paths import RunPaths
 from sidecar.surface.step_rate import Speed
@@ -57,7 +58,10 @@ class EventCounters:
             registry=registry,
         )
         self.stalls = Counter(
-            f"{PREFIX}_stalls", "Stalls detected (stall_detected events).", registry=registry
+            f"{PREFIX}_stalls",
+            "Stalls detected (stall_detected events), by the hang's diagnosis.",
+            ["diagnosis"],
+            registry=registry,
         )
         self.crashes = Counter(
             f"{PREFIX}_crashes", "Crashes detected (trainer_crashed events).", registry=registry
@@ -93,6 +97,8 @@ class EventCounters:
             self.restarts.labels(reason=reason)  # exported as 0 before the first restart
         for outcome in NOTIFICATION_OUTCOMES:
             self.notifications.labels(outcome=outcome)
+        for hang in HangClass:
+            self.stalls.labels(diagnosis=hang.value)  # every class exported, at 0 until seen
         # A restart under an orchestrator's restart policy is logged without its reason;
         # it is the verdict seen just before.
         self._last_verdict = "stall"
@@ -103,7 +109,9 @@ class EventCounters:
         event = event_dict.get("event")
         if event == events.STALL_DETECTED:
             self._last_verdict = "stall"
-            self.stalls.inc()
+            hang = event_dict.get("diagnosis")
+            known = hang in HangClass._value2member_map_
+            self.stalls.labels(diagnosis=hang if known else HangClass.UNKNOWN.value).inc()
         elif event == events.TRAINER_CRASHED:
             self._last_verdict = "crash"
             self.crashes.inc()

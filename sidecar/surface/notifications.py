@@ -42,6 +42,8 @@ NOTIFIED_EVENTS = frozenset(
         events.TRAINER_RESTARTED,
         events.GAVE_UP,
         events.TRAINING_COMPLETED,
+        events.HANG_REPEATED,
+        events.HOST_NEEDS_ATTENTION,
     }
 )
 SIGNATURE_HEADER = "X-Sidecar-Signature-256"
@@ -49,7 +51,7 @@ SIGNATURE_HEADER = "X-Sidecar-Signature-256"
 MAX_TEXT = 1900
 # Event fields too bulky for a chat message body (the rewritten script's diff, every rejected
 # checkpoint, the whole configuration); they stay in the log.
-_BULKY = frozenset({"diff", "rejected", "settings"})
+_BULKY = frozenset({"diff", "rejected", "settings", "processes"})
 _STOP = object()
 
 
@@ -270,7 +272,14 @@ def _headline(name: str, event: Mapping[str, Any]) -> str:
     step = _step(event)
     reason = event.get("reason") or ""
     if name == events.STALL_DETECTED:
-        return f"stalled{step}: {reason}; stopping it to resume from the newest checkpoint"
+        hang = event.get("diagnosis")
+        kind = f" [{hang}]" if hang else ""
+        return f"stalled{step}{kind}: {reason}; stopping it to resume from the newest checkpoint"
+    if name == events.HANG_REPEATED:
+        return (
+            f"the same hang ({event.get('diagnosis')}) came back {event.get('times')} times "
+            f"from one checkpoint; known mitigation: {event.get('mitigation')}"
+        )
     if name == events.TRAINER_CRASHED:
         return f"trainer crashed{step}: {reason}"
     if name == events.TRAINER_RESTARTED:

@@ -173,4 +173,5 @@ class Observability:
             state_dir=watchdog.paths.state_dir,
             train_log=watchdog.paths.train_log,
             pids=restarter.trainer_pids() if restarter is not None else [],
+            flight_recorder=watchdog.paths.flight_recorder,
         )

@@ -153,7 +153,10 @@ def render_text(report: StatusReport, now: float | None = None) -> str:
     )
     for recovery in report.recoveries:
         source = Path(recovery["checkpoint"]).name if recovery["checkpoint"] else "from scratch"
-        lines.append(f"  {recovery['at']}  {recovery['kind']:<6} {recovery['reason']} -> {source}")
+        hang = f" [{recovery['diagnosis']}]" if recovery.get("diagnosis") else ""
+        lines.append(
+            f"  {recovery['at']}  {recovery['kind']:<6}{hang} {recovery['reason']} -> {source}"
+        )
     lines.append(
         f"{'quarantined':<13}" + (", ".join(Path(p).name for p in report.quarantined) or "none")
     )
@@ -164,6 +167,8 @@ def render_text(report: StatusReport, now: float | None = None) -> str:
         lines.append(
             f"  {incident['name']}  {incident['kind'] or '?':<6} {incident['reason'] or ''}"
             f"  [{_size(incident['bytes'])}{stacks}]"
+            + (f"\n    diagnosis {incident['diagnosis']}: " if incident.get("diagnosis") else "")
+            + "; ".join(incident.get("evidence") or [])[:300]
         )
     return "\n".join(lines) + "\n"
 
@@ -191,7 +196,11 @@ def _phase(
         )
     if ledger.gave_up:
         last = ledger.recoveries[-1].reason if ledger.recoveries else "see the sidecar's log"
-        return "gave_up", f"the sidecar gave up after {ledger.restarts} restart(s); last: {last}"
+        why = ledger.stopped_because
+        because = f" ({why})" if why and why != "gave up" else ""
+        return "gave_up", (
+            f"the sidecar gave up{because} after {ledger.restarts} restart(s); last: {last}"
+        )
     if log_age is None:
         return "not_started", f"no trainer log at {paths.train_log} yet"
     if log_age <= stall_after:
@@ -253,6 +262,7 @@ def _last_checkpoint(
 
 def _bundle_summary(folder: Path) -> dict[str, Any]:
     verdict = _read_json(folder / "verdict.json")
+    diagnosis = _read_json(folder / "diagnosis.json")
     manifest = _read_json(folder / "manifest.json")
     files = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
     return {
@@ -260,6 +270,9 @@ def _bundle_summary(folder: Path) -> dict[str, Any]:
         "path": str(folder),
         "kind": verdict.get("kind"),
         "reason": verdict.get("reason"),
+        "diagnosis": diagnosis.get("class"),
+        "evidence": diagnosis.get("evidence", []),
+        "mitigation": diagnosis.get("mitigation"),
         "bytes": sum(v for v in files.values() if isinstance(v, int)),
         "stacks": sum(1 for name in files if name.startswith("stacks/")),
         "skipped": manifest.get("skipped", {}),

@@ -186,6 +186,16 @@ class Trainer(Protocol):
         bound stays."""
         ...
 
+    def launch_ranks(self, command: LaunchCommand) -> int:
+        """How many training processes the command starts (more than one: collectives)."""
+        ...
+
+    def remedy(self, script: Path, hang: str) -> tuple[bool, str, str]:
+        """Apply the known mitigation of the hang class ``hang`` (a ``HangClass`` value) to
+        the launch script, atomically, keeping the original; unchanged when it has none.
+        Returns (changed, old text, new text)."""
+        ...
+
     def run_identity(self, text: str) -> str:
         """The launch script's identity without the sidecar's own edits (resume, position,
         state saving): equal for every relaunch of one run, different for other settings."""

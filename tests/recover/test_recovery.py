@@ -180,3 +180,81 @@ def test_a_rewrite_that_fails_is_retried_and_logged_once(
     third = recovery.recover(STALL, record, pointer, wall=OLD + 3600, retrying=True)
     assert third.kind is OutcomeKind.RESTARTED and record.ledger.restarts == 1
     assert [call for call, _ in fake.calls] == ["stop", "restart"]
+
+
+# -- stops that no relaunch can fix -------------------------------------------------------
+
+
+def test_recoveries_from_the_same_checkpoint_stop_after_the_futile_limit(
+    fluxgym: FluxgymTree,
+) -> None:
+    """Each attempt hangs before saving anything newer: the third recovery in a row stops
+    the run (no progress), before the budget of 10 is anywhere near spent; quarantine
+    falling back to an older state on the way does not reset the count."""
+    write_state_folder(fluxgym.output_dir / "my-lora-000002-state", mtime=OLD - 60)
+    state = write_state_folder(fluxgym.output_dir / "my-lora-000004-state", mtime=OLD)
+    record, pointer, fake, _, recovery = setup(fluxgym, max_restarts=10, stop_before_rewrite=True)
+    outcomes = []
+    with capture_logs() as logs:
+        for _ in range(4):
+            outcome = recovery.recover(STALL, record, pointer, wall=OLD + 3600, retrying=False)
+            outcomes.append(outcome.kind)
+            if outcome.kind is not OutcomeKind.RESTARTED:
+                break
+    # The first recovery moves from "no checkpoint" to the state (news, so progress); then
+    # the same state again, then the older one once it is quarantined; the next is the third
+    # futile recovery in a row and stops.
+    assert outcomes == [OutcomeKind.RESTARTED] * 3 + [OutcomeKind.NO_PROGRESS]
+    assert [call for call, _ in fake.calls].count("restart") == 3
+    (gave_up,) = [entry for entry in logs if entry["event"] == "gave_up"]
+    assert gave_up["stopped_because"] == "no progress"
+    assert "my-lora-000002-state" in gave_up["reason"], "the older state it fell back to"
+    assert "SIDECAR_MAX_FUTILE_RECOVERIES=3" in gave_up["reason"]
+    assert str(state) in record.store.load().quarantined
+    ledger = record.store.load()
+    assert ledger.gave_up and ledger.stopped_because == "no progress"
+
+
+def test_a_newer_checkpoint_resets_the_futile_count(fluxgym: FluxgymTree) -> None:
+    record, pointer, _, _, recovery = setup(fluxgym, max_restarts=10, stop_before_rewrite=True)
+    for epoch in range(1, 6):  # every attempt saves one more state before it hangs
+        write_state_folder(fluxgym.output_dir / f"my-lora-{epoch:06d}-state", mtime=OLD + epoch)
+        outcome = recovery.recover(STALL, record, pointer, wall=OLD + 3600, retrying=False)
+        assert outcome.kind is OutcomeKind.RESTARTED
+
+
+def test_processes_that_survive_sigkill_stop_the_run_for_the_host(fluxgym: FluxgymTree) -> None:
+    """No second trainer beside processes in uninterruptible sleep: the host needs attention."""
+    from sidecar.restarters.base import SurvivedKill
+
+    record, pointer, fake, _, recovery = setup(fluxgym, stop_before_rewrite=True)
+    survivors = [{"pid": 4242, "state": "D", "wchan": "nfs_wait_bit_killable"}]
+
+    def stop() -> None:
+        fake.calls.append(("stop", None))
+        raise SurvivedKill(survivors)
+
+    fake.stop = stop  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        outcome = recovery.recover(STALL, record, pointer, wall=OLD, retrying=False)
+    assert outcome.kind is OutcomeKind.HOST_NEEDS_ATTENTION
+    assert fake.calls == [("stop", None)], "nothing relaunched"
+    (attention,) = [entry for entry in logs if entry["event"] == "host_needs_attention"]
+    assert attention["processes"] == survivors
+    assert "nfs_wait_bit_killable" in attention["reason"]
+    assert record.store.load().stopped_because == "host needs attention"
+
+
+def test_a_stall_records_its_diagnosis_and_the_checkpoint_it_failed_from(
+    fluxgym: FluxgymTree,
+) -> None:
+    from sidecar.run.ledger import Attempt
+
+    state = write_state_folder(fluxgym.output_dir / "my-lora-000004-state", mtime=OLD)
+    record, pointer, _, _, recovery = setup(fluxgym, stop_before_rewrite=True)
+    record.ledger.record_attempt(Attempt(launched_at=OLD, initial_step=0, resumed_from=str(state)))
+    stall = Verdict(VerdictKind.STALL, "no progress", {"diagnosis": "dataloader_wait"})
+    recovery.recover(stall, record, pointer, wall=OLD + 3600, retrying=False)
+    (recorded,) = record.store.load().recoveries
+    assert recorded.diagnosis == "dataloader_wait"
+    assert recorded.failed_from == str(state)

@@ -110,7 +110,11 @@ def test_bundle_holds_verdict_log_tail_and_the_process_tree(tmp_path, hung, trai
     assert re.fullmatch(r"\d{8}T\d{6}Z", folder.name)
     verdict = read_json(folder / "verdict.json")
     assert verdict["kind"] == "stall" and verdict["reason"] == VERDICT.reason
-    assert verdict["figures"] == {"last_step": 120}
+    figures = verdict["figures"]
+    assert figures["last_step"] == 120
+    diagnosis = read_json(folder / "diagnosis.json")
+    assert figures["diagnosis"] == diagnosis["class"], "the verdict carries the class"
+    assert diagnosis["evidence"] and diagnosis["description"]
     tail = (folder / "train.log.tail").read_text()
     assert tail.endswith("the last line\n")
     assert LOG_TAIL_BYTES - 4 <= len(tail.encode()) <= LOG_TAIL_BYTES

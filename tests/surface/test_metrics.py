@@ -90,7 +90,8 @@ def test_restarts_are_counted_by_reason():
     registry = CollectorRegistry()
     counters = EventCounters(registry)
     for event in (
-        {"event": "stall_detected"},
+        {"event": "stall_detected", "diagnosis": "dataloader_wait"},
+        {"event": "stall_detected", "diagnosis": "not-a-class"},
         {"event": "trainer_restarted", "reason": "stall"},
         {"event": "trainer_crashed"},
         # A restart policy brought it back: the sidecar logs no reason, the crash was it.
@@ -105,7 +106,9 @@ def test_restarts_are_counted_by_reason():
         assert counters(None, "info", dict(event)) == event
     assert value(registry, "training_sidecar_restarts_total", reason="stall") == 1
     assert value(registry, "training_sidecar_restarts_total", reason="crash") == 1
-    assert value(registry, "training_sidecar_stalls_total") == 1
+    assert value(registry, "training_sidecar_stalls_total", diagnosis="dataloader_wait") == 1
+    assert value(registry, "training_sidecar_stalls_total", diagnosis="unknown") == 1
+    assert value(registry, "training_sidecar_stalls_total", diagnosis="cuda_sync") == 0
     assert value(registry, "training_sidecar_crashes_total") == 1
     assert value(registry, "training_sidecar_recovery_failures_total") == 1
     assert value(registry, "training_sidecar_checkpoints_quarantined_total") == 1

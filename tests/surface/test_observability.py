@@ -125,11 +125,14 @@ def test_a_recovered_run_leaves_metrics_notifications_a_bundle_and_a_status(flux
     )
     assert "secret-token" not in json.dumps(run.events), "the webhook URL's token is not logged"
 
-    # The incident bundle, saved before the hung trainer was stopped.
+    # The incident bundle, saved (and the hang diagnosed) before the stall is logged, so
+    # that the stall_detected line carries the class, and before the trainer is stopped.
     saved = run.named("incident_saved")[0]
     names = run.names()
-    assert names.index("stall_detected") < names.index("incident_saved")
-    assert names.index("incident_saved") < names.index("trainer_stopped")
+    assert names.index("incident_saved") < names.index("stall_detected")
+    assert names.index("stall_detected") < names.index("trainer_stopped")
+    stall = run.named("stall_detected")[0]
+    assert stall["diagnosis"] in texts[0] and stall["diagnosis_evidence"]
     bundle = Path(saved["path"])
     assert bundle.parent == tree.output_dir / ".sidecar" / "incidents"
     processes = json.loads((bundle / "processes.json").read_text())

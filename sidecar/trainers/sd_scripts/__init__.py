@@ -20,6 +20,7 @@ from sidecar.trainers.sd_scripts import (
     train_script,
 )
 from sidecar.trainers.sd_scripts import state_naming as naming
+from sidecar.trainers.sd_scripts.launch_processes import launch_process_count
 
 if TYPE_CHECKING:
     from sidecar.checkpoints.scan import Candidate
@@ -101,11 +102,24 @@ class SdScripts:
             script, every_n_steps=every_n_steps, keep_last_steps=keep_last_steps
         )
 
+    def launch_ranks(self, command: LaunchCommand) -> int:
+        assert isinstance(command, train_script.TrainCommand)
+        try:
+            return launch_process_count(
+                [*command.launcher_args, command.trainer_script, *command.trainer_args]
+            )
+        except ValueError:
+            return 1  # a line its launcher would refuse starts no ranks at all
+
+    def remedy(self, script: Path, hang: str) -> tuple[bool, str, str]:
+        return launch_script.remedy(script, hang)
+
     def run_identity(self, text: str) -> str:
         bare = launch_script.rewritten_train_script(
             text, resume_from=None, ensure_save_state=False, initial_step=None
         )
-        for flag in launch_script.SIDECAR_MANAGED_FLAGS:
+        # A remedy (SIDECAR_REMEDIATE) changes how data is loaded, not what is trained.
+        for flag in (*launch_script.SIDECAR_MANAGED_FLAGS, *launch_script.REMEDY_FLAGS):
             bare = train_script.remove_option(bare, flag)
         return hashlib.sha256(bare.encode("utf-8", "surrogateescape")).hexdigest()
 

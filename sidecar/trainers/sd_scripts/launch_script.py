@@ -86,6 +86,46 @@ def with_save_cadence(text: str, *, every_n_steps: int, keep_last_steps: int) ->
     return text
 
 
+# The flags a remedy changes (SIDECAR_REMEDIATE): the same run with a mitigation applied.
+DATALOADER_WORKERS = "--max_data_loader_n_workers"
+PERSISTENT_WORKERS = "--persistent_data_loader_workers"
+BLOCKS_TO_SWAP = "--blocks_to_swap"
+REMEDY_FLAGS = (DATALOADER_WORKERS, PERSISTENT_WORKERS, BLOCKS_TO_SWAP)
+
+
+def remedy(script: Path, hang: str) -> tuple[bool, str, str]:
+    """Apply the known mitigation of a repeated hang class to train.sh (see
+    :func:`with_remedy`); the original stays in ``train.sh.orig``."""
+    return _rewrite(script, lambda text: with_remedy(text, hang))
+
+
+def with_remedy(text: str, hang: str) -> str:
+    """``text`` with the mitigation for ``hang`` applied; unchanged when none applies.
+
+    - a dataloader wait: load in the main process (sd-scripts' ``--max_data_loader_n_workers
+      0``; ``--persistent_data_loader_workers`` means nothing then, and goes);
+    - a CUDA synchronisation in block swapping: half the blocks (``--blocks_to_swap``),
+      none once one is left.
+    """
+    command = parse_train_script(text)
+    if hang == "dataloader_wait":
+        workers = command.option(DATALOADER_WORKERS)
+        persistent = command.has_option(PERSISTENT_WORKERS)
+        if workers == "0" and not persistent:
+            return text
+        text = set_option(text, DATALOADER_WORKERS, "0")
+        return _without(text, PERSISTENT_WORKERS) if persistent else text
+    if hang == "cuda_sync":
+        blocks = _int(command.option(BLOCKS_TO_SWAP))
+        if not blocks:
+            return text
+        fewer = blocks // 2
+        return set_option(text, BLOCKS_TO_SWAP, str(fewer)) if fewer else _without(
+            text, BLOCKS_TO_SWAP
+        )
+    return text
+
+
 def state_cadence(command: TrainCommand, steps_per_epoch: int | None) -> int | None:
     """Steps between two resumable saves; None when it saves no state (or it is unknown)."""
     if not command.save_state:
