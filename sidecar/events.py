@@ -85,6 +85,8 @@ INCIDENT_REPORT_FAILED: Final = "incident_report_failed"
 # The hang's diagnosis: Python stacks cannot be read (said once), a class seen again.
 STACKS_UNAVAILABLE: Final = "stacks_unavailable"
 HANG_REPEATED: Final = "hang_repeated"
+# A silence whose stacks show sampling or a save, moving: judged by that section's budget.
+STALL_DEFERRED: Final = "stall_deferred"
 NOTIFICATION_SENT: Final = "notification_sent"
 NOTIFICATION_RETRY: Final = "notification_retry"
 NOTIFICATION_FAILED: Final = "notification_failed"

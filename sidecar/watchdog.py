@@ -44,6 +44,9 @@ _VERDICT_EVENTS = {
     VerdictKind.RESUME_FAILED: events.RESUME_FAILED,
 }
 
+# Where the stacks place a silence the trainer's output did not announce.
+_STACK_SECTIONS = {"hang_in_sampling": Section.SAMPLING, "hang_in_save": Section.SAVING}
+
 # How an attempt the sidecar starts to resume an interrupted run is logged.
 RESUME_SOURCE = "resume after interruption"
 
@@ -565,6 +568,8 @@ class Watchdog:
             # Every stall carries a class, looked at while the hung processes can still be
             # inspected (before the stop), so that the line people alert on says what hung.
             figures.update(self._diagnose(verdict, figures))
+            if self._extend_section(figures):
+                return None
             verdict = dataclasses.replace(verdict, figures={**verdict.figures, **figures})
         self.log.warning(event, reason=verdict.reason, **figures)
         if verdict.kind is VerdictKind.STALL:
@@ -577,6 +582,32 @@ class Watchdog:
         if not self.restarter.acts:
             return None  # detect-only: report, then wait for progress to resume
         return self._recover(verdict, wall)
+
+    def _extend_section(self, figures: dict[str, Any]) -> bool:
+        """A silence the output did not explain, with the stacks inside sampling or a save
+        and moving between the two looks: the trainer is there, not hung. Judge it by that
+        section's budget instead (True: the verdict is withdrawn)."""
+        section = _STACK_SECTIONS.get(str(figures.get("diagnosis")))
+        moving = (
+            figures.get("diagnosis_basis") == "stacks" and figures.get("stacks_unchanged") is False
+        )
+        if section is None or not moving or self.attempt is None:
+            return False
+        before = Phase(figures.get("phase_before", Phase.RUNNING.value))
+        now = self.clocks.monotonic()
+        extended = decision.in_section(self.attempt, section, before, now, self.policy)
+        if extended is None:
+            return False
+        self.attempt = extended
+        self.log.info(
+            events.STALL_DEFERRED,
+            section=section.value,
+            reason=f"the trainer's stacks are in {section.value} and moving; judged by that "
+            f"section's budget ({self.policy.explain_timeout(extended)})",
+            seconds_since_progress=figures.get("seconds_since_progress"),
+            diagnosis_evidence=figures.get("diagnosis_evidence"),
+        )
+        return True
 
     def _diagnose(self, verdict: Verdict, figures: dict[str, Any]) -> dict[str, Any]:
         """The hang's class from the hook (stacks, threads, section), or from the section."""

@@ -138,6 +138,19 @@ def advance(state: RunState, seen: Observation, policy: Policy) -> tuple[RunStat
     return state, None
 
 
+def in_section(
+    stalled: RunState, section: Section, phase: Phase, now: float, policy: Policy
+) -> RunState | None:
+    """The run as if the trainer had announced ``section`` (its stacks show it there and
+    moving), when that section's budget has not run out yet; None when it has (the stall
+    stands). Only section-aware timeouts have a section to extend into."""
+    if policy.sections is None or stalled.section is section:
+        return None
+    extended = dataclasses.replace(stalled, section=section, phase=phase)
+    deadline = stall_deadline(extended, policy)
+    return extended if deadline is not None and deadline > now else None
+
+
 def stall_deadline(state: RunState, policy: Policy) -> float | None:
     """When a stall verdict becomes due if nothing progresses meanwhile (None: not watching).
 

@@ -133,3 +133,40 @@ def test_a_hang_right_after_a_save_began_gets_the_saves_allowance():
     run.announce(Section.SAVING)
     caught = run.silence(1000)
     assert caught is not None and allowance <= caught <= allowance + 2
+
+
+def test_stacks_in_an_unannounced_sampling_extend_the_section():
+    """A silence in training whose stacks show sampling, moving: judged by sampling's budget
+    (the ceiling, never seen) from the same last progress; then it may still hang there."""
+    run = Run()
+    run.train(30)
+    caught = run.silence(1000)
+    assert caught is not None  # the training floor
+    stalled = run.state
+    assert stalled.phase is Phase.STALLED
+    extended = decision.in_section(stalled, Section.SAMPLING, Phase.RUNNING, run.now, POLICY)
+    assert extended is not None
+    assert extended.section is Section.SAMPLING and extended.phase is Phase.RUNNING
+    assert extended.last_progress_at == stalled.last_progress_at
+    run.state, run.verdicts = extended, []
+    again = run.silence(2000)
+    assert again is not None and 898 <= again + caught <= 904  # the ceiling from the last step
+    assert run.verdicts[0].figures["section"] == "sampling"
+    # Already in sampling: nothing more to extend into.
+    assert decision.in_section(run.state, Section.SAMPLING, Phase.RUNNING, run.now, POLICY) is None
+
+
+def test_a_section_whose_budget_is_spent_does_not_extend():
+    run = Run()
+    run.train(30)
+    run.silence(1000)
+    late = run.now + 2000  # past even the ceiling
+    assert decision.in_section(run.state, Section.SAMPLING, Phase.RUNNING, late, POLICY) is None
+
+
+def test_a_fixed_timeout_has_no_sections_to_extend_into():
+    fixed = Policy(
+        stall_timeout=900.0, gpu_idle_timeout=300.0, gpu_idle_percent=5.0, startup_grace=1
+    )
+    state = decision.started(0.0)
+    assert decision.in_section(state, Section.SAMPLING, Phase.RUNNING, 1.0, fixed) is None
