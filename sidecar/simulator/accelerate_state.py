@@ -42,7 +42,19 @@ class StateSaver:
         self.saves_done = 0
 
     def save(self, folder: Path, *, epoch: int, step: int, lineage: Lineage) -> None:
-        """Save one state; ``step`` is what the pre-hook writes (``current_step.value + 1``)."""
+        """Save one state; ``step`` is what the pre-hook writes (``current_step.value + 1``).
+
+        A fault that fires after the save is complete does so outside :meth:`save_state`,
+        so a stack taken during that hang does not show a save in progress.
+        """
+        self.save_state(folder, epoch=epoch, step=step, lineage=lineage)
+        after = self._context.faults.after_save(self.saves_done)
+        if after is not None:
+            self._actor.suffer(after)
+
+    def save_state(self, folder: Path, *, epoch: int, step: int, lineage: Lineage) -> None:
+        """``Accelerator.save_state``'s work, in a frame of that name (a hang inside a save
+        shows ``save_state`` in py-spy's stack, as the real one does)."""
         terminal, faults = self._context.terminal, self._context.faults
         number = self.saves_done + 1
         pause = (self._save_seconds + faults.extra_save_seconds(number)) / SAVE_FILE_COUNT
@@ -55,9 +67,6 @@ class StateSaver:
                 self._actor.suffer(inside)
             write()
         self.saves_done = number
-        after = faults.after_save(number)
-        if after is not None:
-            self._actor.suffer(after)
 
     def _writers(
         self, folder: Path, epoch: int, step: int, lineage: Lineage, pause: float

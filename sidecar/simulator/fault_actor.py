@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 from sidecar.simulator.context import TrainerContext
 from sidecar.simulator.faults import Fault
 from sidecar.simulator.gpu_state import GpuActivity
+from sidecar.simulator.hangs import (
+    UninterruptibleSleep,
+    WorkerDataLoaderIter,
+    all_reduce,
+    denoise,
+    mark_gpu_lost,
+    sleep_for,
+    stop_self,
+    stuck_block_swap,
+)
 
 
 class SimulatedCrash(Exception):
@@ -31,29 +41,71 @@ def crash_report(fault: Fault, script: str) -> str:
 
 
 class FaultActor:
-    """Carries out a hang or crash; hangs last forever unless the fault gives ``seconds``."""
+    """Carries out a hang or crash; hangs last forever unless the fault gives ``seconds``.
 
-    def __init__(self, context: TrainerContext) -> None:
+    :meth:`start` prepares what some hangs need before training begins (dataloader worker
+    processes, the uninterruptible-sleep library) and fails early when that is impossible;
+    :meth:`close` ends the workers when training finishes. ``dstate_library`` and
+    ``gpu_state_file`` come from ``SIM_DSTATE_LIBRARY`` and ``SIM_GPU_STATE_FILE``.
+    """
+
+    def __init__(
+        self,
+        context: TrainerContext,
+        *,
+        dstate_library: str | None = None,
+        gpu_state_file: Path | None = None,
+    ) -> None:
         self._context = context
+        self._dstate_library = dstate_library
+        self._gpu_state_file = gpu_state_file
+        self._dataloader: WorkerDataLoaderIter | None = None
+        self._dstate: UninterruptibleSleep | None = None
+
+    def start(self) -> None:
+        """Set up the armed hangs' machinery; raises FaultSetupError when one cannot work."""
+        faults = self._context.faults
+        if faults.has("hang_dstate"):
+            self._dstate = UninterruptibleSleep(self._dstate_library)
+        if faults.has("hang_dataloader"):
+            self._dataloader = WorkerDataLoaderIter()
+
+    def close(self) -> None:
+        if self._dataloader is not None:
+            self._dataloader.close()
+            self._dataloader = None
 
     def suffer(self, fault: Fault) -> None:
+        context, seconds = self._context, fault.seconds
         if fault.kind in ("crash", "crash_in_save"):
             raise SimulatedCrash(fault)
         if fault.kind == "hang_busy":
-            self._context.gpu.show(GpuActivity.BUSY_HANG)
-            self._spin(fault.seconds)
+            context.gpu.show(GpuActivity.BUSY_HANG)
+            all_reduce(seconds, context.clock)
+        elif fault.kind == "hang_cuda_sync":
+            context.gpu.show(GpuActivity.BUSY_HANG)
+            stuck_block_swap(seconds, context.clock)
+        elif fault.kind == "hang_dataloader":
+            context.gpu.show(GpuActivity.IDLE)
+            if self._dataloader is None:  # armed after start() (a test calling suffer directly)
+                self._dataloader = WorkerDataLoaderIter()
+            self._dataloader.stall_next_batch(seconds)
+            next(self._dataloader)
+        elif fault.kind == "hang_dstate":
+            context.gpu.show(GpuActivity.IDLE)
+            if self._dstate is None:
+                self._dstate = UninterruptibleSleep(self._dstate_library)
+            self._dstate.hang_in_vfork()
+        elif fault.kind == "hang_stopped":
+            context.gpu.show(GpuActivity.IDLE)
+            stop_self()
+        elif fault.kind == "hang_in_sample":
+            context.gpu.show(GpuActivity.TRAINING)  # inference keeps the card as busy as steps
+            denoise(seconds, context.sleep)
+        elif fault.kind == "gpu_lost":
+            context.gpu.show(GpuActivity.IDLE)
+            mark_gpu_lost(self._gpu_state_file)
+            sleep_for(None, context.sleep)
         else:  # hang_idle, hang_in_save
-            self._context.gpu.show(GpuActivity.IDLE)
-            self._idle(fault.seconds)
-
-    def _idle(self, seconds: float | None) -> None:
-        if seconds is not None:
-            self._context.sleep(seconds)
-            return
-        while True:
-            self._context.sleep(3600)
-
-    def _spin(self, seconds: float | None) -> None:
-        deadline = math.inf if seconds is None else self._context.clock() + seconds
-        while self._context.clock() < deadline:
-            pass  # burn one CPU, like a thread stuck polling a collective
+            context.gpu.show(GpuActivity.IDLE)
+            sleep_for(seconds, context.sleep)

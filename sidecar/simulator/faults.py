@@ -5,16 +5,44 @@ The environment variable ``SIM_FAULTS`` holds a ``;``-separated list of faults. 
     KIND[@TRIGGER][:key=value[:key=value...]][:once]
 
 KIND
-    ``hang_idle``     stop making progress and sleep with an idle CPU and an idle GPU
-                      (a dataloader worker blocked on a full pipe, sd-scripts issue 536).
+    ``hang_idle``     stop making progress and sleep with an idle CPU and an idle GPU (a
+                      dataloader deadlock as seen from outside, sd-scripts issue 536, but
+                      without worker processes: ``hang_dataloader`` has those).
     ``hang_busy``     stop making progress but spin one CPU and report the GPU 100% busy
-                      at low power (a hung NCCL collective, FluxGym issue 426).
+                      at low power (a hung NCCL collective, FluxGym issue 426); the main
+                      thread spins in ``all_reduce`` -> ``wait``.
+    ``hang_dataloader`` a multiprocess DataLoader deadlock (sd-scripts issues 536, 1586):
+                      the trainer has two real worker processes (FluxGym's
+                      ``--max_data_loader_n_workers 2``, started before the first epoch);
+                      the main thread waits in ``__next__`` -> ``_next_data`` -> ``_get_data``
+                      -> ``_try_get_data`` -> ``get`` for a batch the worker asked for it
+                      never delivers (the worker sleeps on a lock). CPU and GPU idle.
+    ``hang_cuda_sync`` block swapping stuck on a CUDA stream (sd-scripts'
+                      library/custom_offloading_utils.py): the main thread waits in
+                      ``wait_for_block`` -> ``_wait_blocks_move`` -> ``result``; the offloader's
+                      worker thread spins in ``move_blocks`` -> ``swap_weight_devices`` ->
+                      ``swap_weight_devices_cuda`` -> ``synchronize``. GPU 100% busy.
+    ``hang_dstate``   the main thread sits in uninterruptible sleep (state D) inside a C
+                      call, ``hang_in_vfork`` of the library named by ``SIM_DSTATE_LIBRARY``
+                      (built by tests/dstate/build.py); without it the trainer fails before
+                      its first step. A vfork child (state S) keeps it there; it dies with
+                      the trainer. CPU and GPU idle.
+    ``hang_stopped``  the trainer stops itself with SIGSTOP (state T), as a debugger or a
+                      cgroup freezer would; SIGCONT lets it go on training.
+    ``hang_in_sample`` while sampling, after the "generating sample images at step" line:
+                      hang in ``sample_images`` -> ``sample_image_inference`` -> ``denoise``
+                      (library/flux_train_utils.py's names) with the GPU busy as in inference.
+    ``gpu_lost``      the card falls off the bus: ``error=gpu_lost`` is added to the GPU state
+                      file (``SIM_GPU_STATE_FILE``, read by the stand-in NVML library) and
+                      the trainer hangs idle.
     ``crash``         print a traceback-like message and exit with ``code`` (default 1).
     ``hang_in_save``  during a state save, hang after ``files`` of its files are written
                       (default 2: ``train_state.json`` and the model weights): a half-written
                       state folder stays behind. sd-scripts saves into an existing folder in
                       place (step-numbered names come round again after a resume), so when
                       the folder existed it is left MIXED: new files beside the old ones.
+                      The stack holds ``save_state`` (and ``save_and_remove_state_stepwise``
+                      for step saves), as accelerate's and train_util's do.
     ``crash_in_save`` the same point, but the trainer crashes (exit ``code``, default 1).
     ``slow_save``     spend ``seconds`` more on a state save (spread between its files).
     ``slow_start``    spend ``seconds`` more in the silent start-up before step 1.
@@ -24,12 +52,15 @@ TRIGGER (at most one; ``step`` and ``save`` are counted within the current run)
                  ``step=0`` fires before the run's first step, leaving the bar at ``0/total``.
                  N is this run's ``global_step``, as in step-numbered names: it restarts at 0
                  after a resume (at the discarded remainder with --skip_until_initial_step).
+                 For ``hang_in_sample``: the first sampling at global step N or later.
     ``save=N``   at the Nth state save: ``*_in_save`` fire inside it, ``slow_save``
-                 slows only it, ``hang_*``/``crash`` fire right after it is complete.
+                 slows only it, the other ``hang_*``, ``gpu_lost`` and ``crash`` fire right
+                 after it is complete (``hang_in_sample`` takes no ``save``).
     ``run=N``    only in the Nth run of this output folder (the trainer counts its runs).
 
-Without a trigger, ``hang_*`` and ``crash`` fire at ``step=0``, ``*_in_save`` in the
-first save, and ``slow_save`` slows every save.
+Without a trigger, ``hang_*``, ``gpu_lost`` and ``crash`` fire at ``step=0``, ``*_in_save``
+in the first save, ``hang_in_sample`` in the run's first sampling, and ``slow_save`` slows
+every save.
 
 Options
     ``code=N``      exit status of ``crash`` and ``crash_in_save`` (0-255).
@@ -38,12 +69,16 @@ Options
                     ``scheduler.bin``, ``random_states_0.pkl``), are written first (0-4).
     ``seconds=X``   required by ``slow_save`` and ``slow_start``; with a ``hang_*`` kind the
                     hang ends after X seconds and training goes on (a transient stall).
+                    Not for ``hang_dstate``, ``hang_stopped`` and ``gpu_lost``: nothing inside
+                    a process in D or T state can end its own hang, and a lost card stays
+                    lost.
     ``run=N``       same as the ``run`` trigger, so it can be combined with ``step``/``save``.
     ``once``        only in the first run (shorthand for ``run=1``): lets a test check that
                     the restarted trainer gets past the point where the first one failed.
 
 Examples: ``hang_idle@step=3``, ``crash@step=5:code=137:once``, ``hang_in_save@save=2``,
-``slow_save:seconds=2``, ``hang_busy@step=0:run=2``, ``crash_in_save@save=3:files=4``.
+``slow_save:seconds=2``, ``hang_busy@step=0:run=2``, ``crash_in_save@save=3:files=4``,
+``hang_dataloader@step=5:seconds=3``, ``hang_in_sample@step=10:once``, ``gpu_lost@save=1``.
 
 Tests and demos build faults with :class:`Fault` and :func:`format_faults` rather than
 writing strings, so a typo fails at construction instead of silently not firing.
@@ -57,15 +92,35 @@ from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
 FaultKind = Literal[
-    "hang_idle", "hang_busy", "crash", "hang_in_save", "crash_in_save", "slow_save", "slow_start"
+    "hang_idle",
+    "hang_busy",
+    "hang_dataloader",
+    "hang_cuda_sync",
+    "hang_dstate",
+    "hang_stopped",
+    "hang_in_sample",
+    "gpu_lost",
+    "crash",
+    "hang_in_save",
+    "crash_in_save",
+    "slow_save",
+    "slow_start",
 ]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 _KINDS = ", ".join(FAULT_KINDS)
 
-_HANG_KINDS = frozenset({"hang_idle", "hang_busy"})
+# Hangs that fire after a step or a save, like crash (not inside a save or a sampling).
+_HANG_KINDS = frozenset(
+    {"hang_idle", "hang_busy", "hang_dataloader", "hang_cuda_sync", "hang_dstate"}
+    | {"hang_stopped", "gpu_lost"}
+)
+# Nothing inside a process in D or T state can end its own hang; a lost card stays lost.
+_ENDLESS_KINDS = frozenset({"hang_dstate", "hang_stopped", "gpu_lost"})
 _STOPPING_KINDS = _HANG_KINDS | {"crash"}
 _NEEDS_SECONDS = frozenset({"slow_save", "slow_start"})
-_TAKES_SECONDS = _NEEDS_SECONDS | _HANG_KINDS | {"hang_in_save"}
+_TAKES_SECONDS = (
+    _NEEDS_SECONDS | (_HANG_KINDS - _ENDLESS_KINDS) | {"hang_in_save", "hang_in_sample"}
+)
 _IN_SAVE_KINDS = frozenset({"hang_in_save", "crash_in_save"})
 _CRASH_KINDS = frozenset({"crash", "crash_in_save"})
 _TRIGGER_KEYS = ("step", "save", "run")
@@ -111,6 +166,11 @@ class Fault:
             raise ValueError(f"fault {spec!r}: {self.kind} is triggered by save=N, not step=N")
         if self.kind == "slow_start" and (self.step is not None or self.save is not None):
             raise ValueError(f"fault {spec!r}: slow_start takes no step/save trigger (only run=N)")
+        if self.kind == "hang_in_sample" and self.save is not None:
+            raise ValueError(
+                f"fault {spec!r}: hang_in_sample is triggered by step=N (the first sampling"
+                " at or after global step N), not save=N"
+            )
 
     def _check_options_fit_kind(self, spec: str) -> None:
         if self.code is not None:
@@ -119,6 +179,11 @@ class Fault:
             if not 0 <= self.code <= 255:
                 raise ValueError(f"fault {spec!r}: code={self.code} is not an exit status 0-255")
         if self.seconds is not None:
+            if self.kind in _ENDLESS_KINDS:
+                raise ValueError(
+                    f"fault {spec!r}: seconds= does not apply to {self.kind}: it lasts until"
+                    " the trainer is killed"
+                )
             if self.kind not in _TAKES_SECONDS:
                 raise ValueError(f"fault {spec!r}: seconds= does not apply to {self.kind}")
             if not math.isfinite(self.seconds) or self.seconds < 0:
@@ -304,6 +369,20 @@ class FaultPlan:
         return next(
             (f for f in self.faults if f.kind in _STOPPING_KINDS and f.save == save_number), None
         )
+
+    def in_sampling(self, step: int) -> Fault | None:
+        """The ``hang_in_sample`` fault armed for a sampling at global step ``step``, if any.
+
+        It is armed from its step on; the trainer fires it in the first such sampling only.
+        """
+        return next(
+            (f for f in self.faults if f.kind == "hang_in_sample" and (f.step or 0) <= step),
+            None,
+        )
+
+    def has(self, kind: FaultKind) -> bool:
+        """Whether a fault of this kind is armed in this run (set-ups made at start-up)."""
+        return any(f.kind == kind for f in self.faults)
 
     def inside_save(self, save_number: int) -> Fault | None:
         """The ``hang_in_save``/``crash_in_save`` fault for the Nth state save, if any."""

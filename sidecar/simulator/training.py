@@ -8,6 +8,11 @@ of every batch (so the pre-save hook's ``current_step.value + 1`` is the step ju
 ``global_step``, the ``global_step >= max_train_steps`` break inside the batch loop, epoch-end
 saves and the train-end state. One process, ``gradient_accumulation_steps`` 1 (FluxGym's
 setting): every batch is one optimizer step.
+
+Where a hang's stack matters (see :mod:`~sidecar.simulator.hangs`) the methods carry
+upstream's names: train_util's ``save_and_remove_state_stepwise``,
+``save_and_remove_state_on_epoch_end`` and ``save_state_on_train_end``, flux_train_utils'
+``sample_images`` and ``sample_image_inference``.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from sidecar.simulator.accelerate_state import StateSaver, load_state
 from sidecar.simulator.context import TrainerContext
 from sidecar.simulator.fault_actor import FaultActor
+from sidecar.simulator.faults import Fault
 from sidecar.simulator.file_formats import png_bytes, safetensors_bytes, write_complete
 from sidecar.simulator.gpu_state import GpuActivity
+from sidecar.simulator.hangs import DSTATE_LIBRARY_VARIABLE
 from sidecar.simulator.lineage import Lineage, lineage_metadata
 from sidecar.simulator.resume_position import ResumePosition, resume_position
 from sidecar.simulator.run_settings import SimulatedCadence
@@ -48,20 +56,30 @@ class SimulatedTraining:
     """One trainer process: start-up, optional resume, the epoch loop, final saves."""
 
     def __init__(
-        self, args: argparse.Namespace, cadence: SimulatedCadence, context: TrainerContext
+        self,
+        args: argparse.Namespace,
+        cadence: SimulatedCadence,
+        context: TrainerContext,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
         self.args = args
         self.cadence = cadence
         self.context = context
         self.plan = TrainingPlan.from_arguments(args, cadence.steps_per_epoch)
         self.output_dir = Path(args.output_dir)
-        self.actor = FaultActor(context)
+        gpu_state = environ.get("SIM_GPU_STATE_FILE")
+        self.actor = FaultActor(
+            context,
+            dstate_library=environ.get(DSTATE_LIBRARY_VARIABLE),
+            gpu_state_file=Path(gpu_state) if gpu_state else None,
+        )
         self.saver = StateSaver(context, self.actor, cadence.save_seconds)
         self.loss = LossCurve()
         self.global_step = 0
         self.current_epoch = 0  # sd-scripts' current_epoch.value (1-based)
         self.current_step = 0  # sd-scripts' current_step.value: global_step at the batch's start
         self.lineage: Lineage = []  # the simulated weights: (epoch, batch) pairs trained
+        self._sampling_hang_fired = False
 
     def name(self, purpose: str) -> str:
         return self.args.output_name or _DEFAULT_NAMES[purpose]
@@ -82,12 +100,16 @@ class SimulatedTraining:
         # tqdm(range(args.max_train_steps - initial_step)): counts from 0, not from global_step
         total = self.plan.max_train_steps - position.batches_to_discard
         bar = ProgressBar(self.context.terminal, total, self.context.clock)
-        # train_network.py has no break in the epoch loop, only in the batch loop.
-        for epoch in range(position.epoch_to_start, self.plan.num_train_epochs):
-            first = epoch == position.epoch_to_start
-            self._train_epoch(epoch, bar, position, first=first)
-        bar.close()
-        self._finish()
+        self.actor.start()  # dataloader workers start with the first epoch's iterator
+        try:
+            # train_network.py has no break in the epoch loop, only in the batch loop.
+            for epoch in range(position.epoch_to_start, self.plan.num_train_epochs):
+                first = epoch == position.epoch_to_start
+                self._train_epoch(epoch, bar, position, first=first)
+            bar.close()
+            self._finish()
+        finally:
+            self.actor.close()
 
     def _start_up(self) -> None:
         self.context.gpu.show(GpuActivity.IDLE)
@@ -174,19 +196,23 @@ class SimulatedTraining:
         name = self.name("step")
         # save_model(ckpt_name, ..., global_step, epoch): the 0-based loop epoch as ss_epoch
         self._save_model(f"{name}-step{self.global_step:08d}.safetensors", epoch)
-        if self.args.save_state:  # train_util.save_and_remove_state_stepwise
-            self.context.terminal.log("")
-            self.context.terminal.log(
-                f"saving state at step {self.global_step}", source="train_util.py:5964"
-            )
-            self._save_state(step_state_name(name, self.global_step))
-            keep = self.args.save_last_n_steps_state or self.args.save_last_n_steps
-            stale = stale_step_state(self.global_step, keep, every) if keep is not None else None
-            if stale is not None:
-                self._remove_state(step_state_name(name, stale))
+        if self.args.save_state:
+            self.save_and_remove_state_stepwise(name, every)
         old_model = stale_step_model(self.global_step, self.args.save_last_n_steps, every)
         if old_model is not None:
             self._remove_model(f"{name}-step{old_model:08d}.safetensors")
+
+    def save_and_remove_state_stepwise(self, name: str, every: int) -> None:
+        """train_util.save_and_remove_state_stepwise: the step state, then a stale one removed."""
+        self.context.terminal.log("")
+        self.context.terminal.log(
+            f"saving state at step {self.global_step}", source="train_util.py:5964"
+        )
+        self._save_state(step_state_name(name, self.global_step))
+        keep = self.args.save_last_n_steps_state or self.args.save_last_n_steps
+        stale = stale_step_state(self.global_step, keep, every) if keep is not None else None
+        if stale is not None:
+            self._remove_state(step_state_name(name, stale))
 
     def _save_at_epoch_end(self, epoch_number: int) -> None:
         """train_network.py "指定エポックごとにモデルを保存": model, old model removed, state."""
@@ -198,9 +224,11 @@ class SimulatedTraining:
         old_model = stale_epoch_model(epoch_number, self.args.save_last_n_epochs, every)
         if old_model is not None:
             self._remove_model(f"{name}-{old_model:06d}.safetensors")
-        if not self.args.save_state:
-            return
-        # train_util.save_and_remove_state_on_epoch_end
+        if self.args.save_state:
+            self.save_and_remove_state_on_epoch_end(name, epoch_number, every)
+
+    def save_and_remove_state_on_epoch_end(self, name: str, epoch_number: int, every: int) -> None:
+        """train_util.save_and_remove_state_on_epoch_end: the epoch state, a stale one removed."""
         self.context.terminal.log("")
         self.context.terminal.log(
             f"saving state at epoch {epoch_number}", source="train_util.py:5942"
@@ -210,12 +238,15 @@ class SimulatedTraining:
         if keep is not None:
             self._remove_state(epoch_state_name(name, epoch_number - every * keep))
 
+    def save_state_on_train_end(self) -> None:
+        """train_util.save_state_on_train_end."""
+        self.context.terminal.log("")
+        self.context.terminal.log("saving last state.", source="train_util.py:5990")
+        self._save_state(final_state_name(self.name("last")))
+
     def _finish(self) -> None:
         if self.args.save_state or self.args.save_state_on_train_end:
-            # train_util.save_state_on_train_end
-            self.context.terminal.log("")
-            self.context.terminal.log("saving last state.", source="train_util.py:5990")
-            self._save_state(final_state_name(self.name("last")))
+            self.save_state_on_train_end()
         final = self.output_dir / f"{self.name('last')}.safetensors"
         self.context.terminal.say(f"\nsaving checkpoint: {final}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +291,10 @@ class SimulatedTraining:
             shutil.rmtree(folder)
 
     def _sample(self, *, step: int, epoch: int | None) -> None:
+        self.sample_images(step, epoch)
+
+    def sample_images(self, step: int, epoch: int | None) -> None:
+        """flux_train_utils.sample_images: decide, log, then one inference per prompt."""
         if not should_sample(self.args, step, epoch):
             return
         prompts = _read_prompts(Path(self.args.sample_prompts))
@@ -278,12 +313,19 @@ class SimulatedTraining:
         folder.mkdir(parents=True, exist_ok=True)
         suffix = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
         self.context.gpu.show(GpuActivity.TRAINING)
+        hang = None if self._sampling_hang_fired else self.context.faults.in_sampling(step)
         for index, _prompt in enumerate(prompts):
-            self.context.sleep(self.cadence.sample_seconds)
-            stamp = time.strftime("%Y%m%d%H%M%S")
-            (folder / f"{self.name('step')}_{suffix}_{index:02d}_{stamp}.png").write_bytes(
-                png_bytes()
-            )
+            self.sample_image_inference(folder / f"{self.name('step')}_{suffix}_{index:02d}", hang)
+            hang = None
+
+    def sample_image_inference(self, stem: Path, hang: Fault | None) -> None:
+        """flux_train_utils.sample_image_inference: render a prompt, save ``<stem>_<time>.png``."""
+        if hang is not None:
+            self._sampling_hang_fired = True
+            self.actor.suffer(hang)
+        self.context.sleep(self.cadence.sample_seconds)
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        stem.with_name(f"{stem.name}_{stamp}.png").write_bytes(png_bytes())
 
 
 def _read_prompts(path: Path) -> list[str] | None:
