@@ -88,12 +88,16 @@ def py_spy_dumps(
     deadline: float,
     clock: Callable[[], float],
 ) -> list[tuple[int, str]]:
-    """``py-spy dump --pid`` for each process at once, each cut off at the deadline."""
+    """``py-spy dump --pid`` for each process at once, each cut off at the deadline.
+
+    ``--nonblocking``: the trainer is not paused (ptrace-stopped) to be read. A paused
+    process in uninterruptible sleep would keep py-spy waiting, and a stopped one cannot be
+    paused; a hung process's stacks do not move anyway."""
     running: list[tuple[int, subprocess.Popen[str]]] = []
     try:
         for pid in pids:
             try:
-                process = dumps.start([executable, "dump", "--pid", str(pid)])
+                process = dumps.start([executable, "dump", "--nonblocking", "--pid", str(pid)])
             except OSError as error:
                 return [(pid, f"py-spy could not start: {error}\n")]
             if process is None:
