@@ -120,8 +120,10 @@ def with_remedy(text: str, hang: str) -> str:
         if not blocks:
             return text
         fewer = blocks // 2
-        return set_option(text, BLOCKS_TO_SWAP, str(fewer)) if fewer else _without(
-            text, BLOCKS_TO_SWAP
+        return (
+            set_option(text, BLOCKS_TO_SWAP, str(fewer))
+            if fewer
+            else _without(text, BLOCKS_TO_SWAP)
         )
     return text
 
