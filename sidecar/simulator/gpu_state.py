@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 
@@ -16,11 +17,21 @@ class GpuActivity(Enum):
     BUSY_HANG = (100, 60_000)  # a hung collective: "100% busy" at near-idle power
 
 
-class GpuStateFile:
-    """Publishes simulated GPU activity for the stand-in NVML library; no-op without a path."""
+# What a Flux LoRA holds on a 24 GB card while it trains (fp8 base, cached latents).
+HELD_BYTES = 18 * 1024**3
 
-    def __init__(self, path: Path | None) -> None:
+
+class GpuStateFile:
+    """Publishes simulated GPU activity for the stand-in NVML library; no-op without a path.
+
+    The trainer also lists itself as the GPU's compute process holding ``HELD_BYTES``, and
+    asks the stand-in to drop it once it has exited (``free_on_exit``), as the driver frees a
+    process's memory when its contexts go: nobody has to edit the file after a kill.
+    """
+
+    def __init__(self, path: Path | None, pid: int | None = None) -> None:
         self._path = path
+        self._pid = os.getpid() if pid is None else pid
         self._current: GpuActivity | None = None
 
     def show(self, activity: GpuActivity) -> None:
@@ -28,5 +39,9 @@ class GpuStateFile:
             return
         utilisation, power_mw = activity.value
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        replace_atomically(self._path, f"util={utilisation}\npower_mw={power_mw}\n")
+        replace_atomically(
+            self._path,
+            f"util={utilisation}\npower_mw={power_mw}\n"
+            f"procs={self._pid}:{HELD_BYTES}\nfree_on_exit=1\n",
+        )
         self._current = activity

@@ -23,6 +23,10 @@
  *                      compute processes on every device, in this order (default: none;
  *                      an empty value means none). <pid> alone, or <pid>:unknown, reports
  *                      the memory as NVML_VALUE_NOT_AVAILABLE (as for WDDM on Windows).
+ *   free_on_exit=1     drop from procs every pid that has exited (no /proc entry, or a
+ *                      zombie), as the driver frees a process's memory when its CUDA
+ *                      contexts go with it: a trainer that lists its own pid disappears
+ *                      from the list when it is killed, with nobody editing the file.
  *   xid=<code>,<code>  XID critical-error events that have happened on every device, oldest
  *                      first. Like the driver, an event set only receives the events that
  *                      happen after a device was registered on it: registration remembers
@@ -126,6 +130,7 @@ typedef struct {
     fake_error_t error;
     unsigned int process_count;
     fake_process_t processes[FAKE_MAX_PROCESSES];
+    int free_on_exit;
     unsigned int xid_count;
     unsigned long long xids[FAKE_MAX_XIDS];
     int xid_unsupported;
@@ -192,6 +197,8 @@ static void apply_line(fake_state_t *state, char *line) {
         state->error = parse_error(value);
     } else if (strcmp(key, "procs") == 0) {
         parse_processes(state, value);
+    } else if (strcmp(key, "free_on_exit") == 0) {
+        state->free_on_exit = strcmp(value, "1") == 0;
     } else if (strcmp(key, "xid") == 0) {
         parse_xids(state, value);
     } else if (strcmp(key, "recovery_action") == 0) {
@@ -214,6 +221,7 @@ static fake_state_t read_state(void) {
         .xid_unsupported = 0,
         .recovery_action_unsupported = 0,
         .recovery_action = 0,
+        .free_on_exit = 0,
     };
     const char *path = getenv("FAKE_NVML_STATE_FILE");
     if (path == NULL) return state;
@@ -370,6 +378,29 @@ typedef struct {
     unsigned int computeInstanceId;
 } nvmlProcessInfo_t;
 
+/* A process whose memory the driver has freed: gone from /proc, or a zombie (its exit has
+ * torn down its contexts; only the reaping is left). */
+static int exited(unsigned int pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    FILE *file = fopen(path, "r");
+    if (file == NULL) return 1;
+    char text[512];
+    size_t length = fread(text, 1, sizeof text - 1, file);
+    fclose(file);
+    text[length] = '\0';
+    const char *end = strrchr(text, ')');
+    return end != NULL && end[1] == ' ' && (end[2] == 'Z' || end[2] == 'X');
+}
+
+static void drop_exited(fake_state_t *state) {
+    unsigned int kept = 0;
+    for (unsigned int i = 0; i < state->process_count; i++) {
+        if (!exited(state->processes[i].pid)) state->processes[kept++] = state->processes[i];
+    }
+    state->process_count = kept;
+}
+
 /* nvml.h's contract: *infoCount is the array's size on input and the number of processes
  * on output; a short array answers NVML_ERROR_INSUFFICIENT_SIZE with the size needed. */
 static nvmlReturn_t compute_processes(nvmlDevice_t device, unsigned int *info_count,
@@ -378,6 +409,7 @@ static nvmlReturn_t compute_processes(nvmlDevice_t device, unsigned int *info_co
     nvmlReturn_t status = check_device(&state, device);
     if (status != NVML_SUCCESS) return status;
     if (info_count == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    if (state.free_on_exit) drop_exited(&state);
     unsigned int needed = state.process_count;
     if (*info_count < needed) {
         *info_count = needed;

@@ -331,7 +331,7 @@ def test_busy_hang_spins_in_all_reduce_wait(start: Callable[..., Trainer], tmp_p
     python = trainer.python()
     threads = trainer.wait_for_thread(python.pid, ["all_reduce", "wait"])
     assert threads[0].frames[-2:] == ["all_reduce", "wait"]
-    assert gpu_state(state_file) == {"util": "100", "power_mw": "60000"}
+    assert gpu_state(state_file).items() >= {"util": "100", "power_mw": "60000"}.items()
     trainer.end()
 
 
@@ -449,7 +449,8 @@ def test_gpu_lost_tells_the_stand_in_nvml(start: Callable[..., Trainer], tmp_pat
     state_file = tmp_path / "gpu-state"
     trainer = start("gpu_lost@step=2", SIM_GPU_STATE_FILE=str(state_file))
     trainer.wait_for(lambda: gpu_state(state_file).get("error") == "gpu_lost", "error=gpu_lost")
-    assert gpu_state(state_file) == {"util": "0", "power_mw": "30000", "error": "gpu_lost"}
+    expected = {"util": "0", "power_mw": "30000", "error": "gpu_lost"}
+    assert gpu_state(state_file).items() >= expected.items()
     assert proc_state(trainer.python().pid) == "S"
     try:
         library = build_fake_nvml(tmp_path / "nvml")
