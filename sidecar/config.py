@@ -289,6 +289,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Incident bundles kept in <state dir>/incidents (newest first); 0 saves none.",
     )
+    python_stacks: bool = Field(
+        True,
+        description="On a stall, read the trainer's Python stacks with py-spy (it attaches "
+        "with ptrace, without pausing it) for the diagnosis and the incident bundle.",
+    )
     log_format: Literal["json", "console"] | None = Field(
         None, description="json or console; default: json unless stdout is a terminal."
     )

@@ -51,6 +51,7 @@ def gather(
     window: float = 0.5,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    no_py_spy: str = "py-spy is not installed",
 ) -> None:
     """Two looks at the trainer's process tree, ``window`` apart, each with its stacks."""
     processes = trainer_processes(pids)
@@ -61,7 +62,7 @@ def gather(
         into.rows.append(describe_process(process))
     pythons = [row["pid"] for row in into.rows if _is_python(row)][:MAX_PYSPY_PROCESSES]
     if py_spy is None:
-        into.stacks_missing = "py-spy is not installed"
+        into.stacks_missing = no_py_spy
     elif not pythons:
         into.stacks_missing = "no Python process in the trainer's tree"
     else:

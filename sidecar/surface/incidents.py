@@ -85,6 +85,7 @@ class IncidentRecorder:
         py_spy: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         window: float = 0.5,
+        no_py_spy: str = "py-spy is not installed",
     ):
         """``window``: seconds between the two looks at the trainer; ``py_spy``: the py-spy
         executable (``shutil.which("py-spy")``), or None."""
@@ -96,6 +97,7 @@ class IncidentRecorder:
         self._py_spy = py_spy
         self._clock = clock
         self.window = window
+        self._no_py_spy = no_py_spy  # why py_spy is None
         self._said_stacks_missing = False
 
     def __call__(self, verdict: Verdict, figures: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +227,7 @@ class IncidentRecorder:
             deadline=deadline,
             window=self.window,
             clock=self._clock,
+            no_py_spy=self._no_py_spy,
         )
 
     def _flight_dumps(

@@ -95,7 +95,10 @@ class Observability:
             keep=self.settings.incidents_keep,
             gpu=self.gpu,
             log=log,
-            py_spy=find_py_spy(),
+            py_spy=find_py_spy() if self.settings.python_stacks else None,
+            no_py_spy="py-spy is not installed"
+            if self.settings.python_stacks
+            else "turned off (SIDECAR_PYTHON_STACKS=false)",
         )
 
     def attach(self, watchdog: Watchdog, log: Any) -> None:

@@ -137,7 +137,7 @@ def test_bundle_holds_verdict_log_tail_and_the_process_tree(tmp_path, hung, trai
     assert manifest["seconds"] < 5
 
 
-@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed (optional)")
+@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed")
 def test_python_stacks_come_from_py_spy(tmp_path, hung, train_log):
     """With py-spy, each Python process's stack shows the function it hangs in."""
     folder = recorder(tmp_path, hung.pids, train_log, py_spy=find_py_spy()).save(VERDICT, {})
