@@ -8,6 +8,7 @@ from sidecar.simulator.context import TrainerContext
 from sidecar.simulator.faults import Fault
 from sidecar.simulator.gpu_state import GpuActivity
 from sidecar.simulator.hangs import (
+    DATALOADER_WORKERS,
     UninterruptibleSleep,
     WorkerDataLoaderIter,
     all_reduce,
@@ -55,8 +56,12 @@ class FaultActor:
         *,
         dstate_library: str | None = None,
         gpu_state_file: Path | None = None,
+        dataloader_workers: int = DATALOADER_WORKERS,
     ) -> None:
+        """``dataloader_workers``: the DataLoader's worker processes (0: the main process
+        loads the data, and a worker deadlock cannot happen)."""
         self._context = context
+        self._workers = dataloader_workers
         self._dstate_library = dstate_library
         self._gpu_state_file = gpu_state_file
         self._dataloader: WorkerDataLoaderIter | None = None
@@ -67,8 +72,8 @@ class FaultActor:
         faults = self._context.faults
         if faults.has("hang_dstate"):
             self._dstate = UninterruptibleSleep(self._dstate_library)
-        if faults.has("hang_dataloader"):
-            self._dataloader = WorkerDataLoaderIter()
+        if faults.has("hang_dataloader") and self._workers > 0:
+            self._dataloader = WorkerDataLoaderIter(self._workers)
 
     def close(self) -> None:
         if self._dataloader is not None:
@@ -86,9 +91,16 @@ class FaultActor:
             context.gpu.show(GpuActivity.BUSY_HANG)
             stuck_block_swap(seconds, context.clock)
         elif fault.kind == "hang_dataloader":
+            if self._workers == 0:
+                # No worker to deadlock: the remedy for this hang (sd-scripts 1586).
+                context.terminal.say(
+                    "sidecar.simulator: hang_dataloader does not fire with "
+                    "--max_data_loader_n_workers 0 (the main process loads the data)"
+                )
+                return
             context.gpu.show(GpuActivity.IDLE)
             if self._dataloader is None:  # armed after start() (a test calling suffer directly)
-                self._dataloader = WorkerDataLoaderIter()
+                self._dataloader = WorkerDataLoaderIter(self._workers)
             self._dataloader.stall_next_batch(seconds)
             next(self._dataloader)
         elif fault.kind == "hang_dstate":

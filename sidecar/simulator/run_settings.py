@@ -88,6 +88,10 @@ def build_trainer_parser() -> argparse.ArgumentParser:
     add("--sample_every_n_steps", type=int, default=None)
     add("--sample_every_n_epochs", type=int, default=None)
     add("--sample_at_first", action="store_true")
+    # train_network.py: DataLoader(num_workers=min(args.max_data_loader_n_workers,
+    # os.cpu_count()), persistent_workers=args.persistent_data_loader_workers); 8 by default.
+    add("--max_data_loader_n_workers", type=int, default=8)
+    add("--persistent_data_loader_workers", action="store_true")
     add("--pretrained_model_name_or_path", default=None)
     add("--dataset_config", default=None)
     # Several values each; declared so those values are consumed here, not left dangling.

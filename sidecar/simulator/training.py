@@ -72,6 +72,7 @@ class SimulatedTraining:
             context,
             dstate_library=environ.get(DSTATE_LIBRARY_VARIABLE),
             gpu_state_file=Path(gpu_state) if gpu_state else None,
+            dataloader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         )
         self.saver = StateSaver(context, self.actor, cadence.save_seconds)
         self.loss = LossCurve()
