@@ -42,6 +42,7 @@ from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.simulator.harness import FAST_SETTINGS, event_time, run_sidecar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import diagnosis_bench
 import section_replay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,6 +308,50 @@ def section_rows(seeds: int) -> list[Row]:
     return rows
 
 
+def diagnosis_rows(scratch: Path, seeds: int) -> list[Row]:
+    """Each of the simulator's hang classes injected under the real sidecar, with and
+    without the trainer's Python stacks (benchmarks/diagnosis_bench.py)."""
+    cases = diagnosis_bench.measure(scratch / "diagnosis", seeds)
+    rows = []
+    for stacks in (True, False):
+        right, total = diagnosis_bench.accuracy(cases, stacks=stacks)
+        wrong = [
+            f"{c.fault.split('@')[0]}->{c.diagnosis}"
+            for c in cases
+            if c.stacks is stacks and not c.right
+        ]
+        share = right / total if total else 0.0
+        rows.append(
+            Row(
+                f"diagnosis: {'with' if stacks else 'without'} stacks",
+                f"{right}/{total} ({share:.0%})" + (f"; {', '.join(wrong)}" if wrong else ""),
+                ">= 90 %" if stacks else "reported",
+                (0.9 / share if share else float("inf")) if stacks else None,
+            )
+        )
+    unrecovered = [c.fault for c in cases if not c.recovered]
+    rows.append(
+        Row(
+            "diagnosis: runs that recovered",
+            f"{len(cases) - len(unrecovered)}/{len(cases)}"
+            + (f"; not: {', '.join(unrecovered)}" if unrecovered else ""),
+            "all (a lost GPU: exit 5)",
+            None if not unrecovered else 2.0,
+        )
+    )
+    waits = [c.released_seconds for c in cases if c.released_seconds is not None]
+    if waits:
+        rows.append(
+            Row(
+                "health gate: wait for freed GPU memory",
+                f"median {statistics.median(waits):.2f} s, max {max(waits):.2f} s",
+                "< 10 s bound",
+                max(waits) / 10.0,
+            )
+        )
+    return rows
+
+
 # -- footprint -------------------------------------------------------------------------------
 
 
@@ -492,6 +537,7 @@ def main() -> int:
             rows += adaptive_rows(scratch)
         rows += lost_work_rows(scratch)
         rows += section_rows(2 if arguments.quick else 5)
+        rows += diagnosis_rows(scratch, 1 if arguments.quick else 3)
         rows += footprint_rows(scratch, window)
     print(
         f"training-sidecar benchmarks ({'quick' if arguments.quick else 'full'}; "

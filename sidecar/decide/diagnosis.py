@@ -167,8 +167,9 @@ class Evidence:
 class Diagnosis:
     kind: HangClass
     evidence: tuple[str, ...]
-    # How it was reached: "stacks" (the strongest), "kernel" (thread states), "flight
-    # recorder" (the ranks' NCCL dumps), "section" (only the trainer's output), "none".
+    # How it was reached: "nvml" (the GPU's own answer), "stacks", "kernel" (thread
+    # states), "flight recorder" (the ranks' NCCL dumps), "section" (only the trainer's
+    # output), "none".
     basis: str
     # The same stacks in every sample: the process is stuck, not slow.
     stacks_unchanged: bool | None = None
@@ -205,11 +206,11 @@ def diagnose(evidence: Evidence) -> Diagnosis:
     if evidence.flight_recorder:
         notes += (f"NCCL flight recorder: {evidence.flight_recorder}",)
     unchanged = _stacks_unchanged(evidence.stack_samples)
-    for rule in (_gpu_lost, _kernel_states):
+    for rule, basis in ((_gpu_lost, "nvml"), (_kernel_states, "kernel")):
         found = rule(evidence)
         if found is not None:
             kind, lines = found
-            return Diagnosis(kind, lines, "kernel", unchanged, notes)
+            return Diagnosis(kind, lines, basis, unchanged, notes)
     found = _from_stacks(evidence)
     if found is not None:
         kind, lines = found
