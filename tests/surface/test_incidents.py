@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from structlog.testing import capture_logs
 
 from sidecar.decide.decision import Verdict, VerdictKind
 from sidecar.observe.gpu import GpuReading, GpuSample
@@ -328,3 +329,22 @@ def test_bundle_order_is_numeric_within_one_second(tmp_path):
 def test_keep_zero_saves_nothing(tmp_path, train_log):
     assert recorder(tmp_path, [], train_log, keep=0).save(VERDICT, {}) is None
     assert not (tmp_path / "state").exists()
+
+
+def test_keep_zero_still_diagnoses(tmp_path, hung, train_log):
+    """Bundles off: the stall_detected line still gets its class."""
+    figures = recorder(tmp_path, hung.pids, train_log, keep=0)(VERDICT, {"section": "training"})
+    assert figures["diagnosis"] and figures["diagnosis_evidence"]
+    assert not (tmp_path / "state").exists()
+
+
+def test_missing_stacks_are_said_once_and_noted_every_time(tmp_path, hung, train_log):
+    """No py-spy: one stacks_unavailable line for the sidecar's life; each diagnosis notes it."""
+    hook = recorder(tmp_path, hung.pids, train_log, py_spy=None)
+    with capture_logs() as logs:
+        first = hook(VERDICT, {"section": "training"})
+        second = hook(VERDICT, {"section": "training"})
+    said = [entry for entry in logs if entry["event"] == "stacks_unavailable"]
+    assert len(said) == 1 and said[0]["reason"] == "py-spy is not installed"
+    for figures in (first, second):
+        assert any("py-spy is not installed" in note for note in figures["diagnosis_notes"])

@@ -36,7 +36,9 @@ def write_story(tree: FluxgymTree, now: float) -> None:
     write_state_folder(out / "my-lora-step00000110-state", step=110, mtime=now - 600)
     write_state_folder(out / "my-lora-step00000118-state", step=118, mtime=now - 120)
     ledger = Ledger()
-    ledger.record_recovery("stall", "no progress for 902 s (stall timeout 900 s)", None)
+    ledger.record_recovery(
+        "stall", "no progress for 902 s (stall timeout 900 s)", None, diagnosis="dataloader_wait"
+    )
     ledger.record_recovery(
         "crash", "trainer exited with code 7", str(out / "my-lora-step00000110-state")
     )
@@ -48,7 +50,8 @@ def write_story(tree: FluxgymTree, now: float) -> None:
     os.utime(log, (now - 30, now - 30))
     sources = IncidentSources(state_dir=out / ".sidecar", train_log=log, pids=[])
     IncidentRecorder(lambda: sources, keep=5).save(
-        Verdict(VerdictKind.STALL, "no progress for 902 s (stall timeout 900 s)", {}), {}
+        Verdict(VerdictKind.STALL, "no progress for 902 s (stall timeout 900 s)", {}),
+        {"section": "saving"},
     )
 
 
@@ -98,12 +101,16 @@ def test_status_tells_the_story_in_a_terminal(fluxgym):
     assert lines[4].startswith("checkpoint   my-lora-step00000110-state, step 110, 10m0")
     assert lines[5] == "resumes from my-lora-step00000110-state"
     assert lines[6] == "restarts     2 of 5 (1 crash, 1 stall)"
-    assert lines[7].endswith("stall  no progress for 902 s (stall timeout 900 s) -> from scratch")
+    assert lines[7].endswith(
+        "stall  [dataloader_wait] no progress for 902 s (stall timeout 900 s) -> from scratch"
+    )
     assert lines[8].endswith("crash  trainer exited with code 7 -> my-lora-step00000110-state")
     assert lines[9] == "quarantined  my-lora-step00000118-state"
     assert lines[10] == "interrupted  never"
     assert lines[11].startswith("incidents    1 in ") and lines[11].endswith("incidents")
     assert "stall  no progress for 902 s" in lines[12]
+    # No process to look at: the section the output announced places the hang.
+    assert lines[13].startswith("    diagnosis hang_in_save: ")
 
 
 def test_status_json_has_the_same_facts(fluxgym):
@@ -127,6 +134,8 @@ def test_status_json_has_the_same_facts(fluxgym):
     assert report["quarantined"] == [str(fluxgym.output_dir / "my-lora-step00000118-state")]
     (incident,) = report["incidents"]
     assert incident["kind"] == "stall" and incident["bytes"] > 0
+    assert incident["diagnosis"] == "hang_in_save" and incident["mitigation"]
+    assert report["recoveries"][0]["diagnosis"] == "dataloader_wait"
 
 
 @pytest.mark.parametrize(
