@@ -63,3 +63,21 @@ def test_a_hang_in_a_training_step_is_caught_near_the_floor(tmp_path):
     assert stall["seconds_since_progress"] < 3.0, stall
     assert "section training" in stall["reason"]
     assert run.named("trainer_restarted") and run.named("training_completed")
+
+
+def test_a_trainer_that_announces_a_save_and_hangs_in_it(tmp_path):
+    """ "saving state at step N" and then nothing: judged by the saves' learned allowance
+    (3 x the longest save, well under the ceiling), and diagnosed from the stacks as a hang
+    inside the save."""
+    tree = _tree(tmp_path / "save")
+    run = run_sidecar(
+        tree,
+        settings=SETTINGS,
+        simulation={**SIMULATION, "SIM_FAULTS": "hang_in_save@save=3:once"},
+    )
+    assert run.exit_code == 0, run.stderr[-2000:]
+    (stall,) = run.named("stall_detected")
+    assert stall["section"] == "saving", stall
+    assert stall["diagnosis"] == "hang_in_save" and stall["diagnosis_basis"] == "stacks"
+    assert stall["stall_timeout"] < 6.0, stall  # learned from two saves, not the ceiling
+    assert run.named("trainer_restarted") and run.named("training_completed")
