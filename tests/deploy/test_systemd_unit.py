@@ -29,7 +29,13 @@ from repo_paths import REPO_ROOT
 
 from sidecar.cli import EXIT_USAGE
 from sidecar.config import Settings, env_name, load_settings, parse_duration
-from sidecar.watchdog import EXIT_COMPLETED, EXIT_GAVE_UP
+from sidecar.watchdog import (
+    EXIT_COMPLETED,
+    EXIT_GAVE_UP,
+    EXIT_GPU_NEEDS_RESET,
+    EXIT_HOST_NEEDS_ATTENTION,
+    EXIT_NO_PROGRESS,
+)
 
 SYSTEMD = REPO_ROOT / "deploy" / "systemd"
 UNIT = SYSTEMD / "training-sidecar.service"
@@ -149,12 +155,19 @@ def test_the_unit_runs_the_installed_console_script_with_the_env_file() -> None:
 
 
 def test_restart_policy_matches_the_sidecars_exit_codes() -> None:
-    """Restarted on failure, never after bad settings (2) or giving up (3); a SIGTERM stop
-    (143) is clean; 0 (completed) is a success without saying so."""
+    """Restarted on failure, never after bad settings (2), giving up (3), no progress (4), a
+    GPU that needs a reset (5) or a host that needs attention (6); a SIGTERM stop (143) is
+    clean; 0 (completed) is a success without saying so."""
     entries = service()
     assert only(entries["Restart"]) == "on-failure"
     prevented = {int(code) for code in only(entries["RestartPreventExitStatus"]).split()}
-    assert prevented == {EXIT_USAGE, EXIT_GAVE_UP}
+    assert prevented == {
+        EXIT_USAGE,
+        EXIT_GAVE_UP,
+        EXIT_NO_PROGRESS,
+        EXIT_GPU_NEEDS_RESET,
+        EXIT_HOST_NEEDS_ATTENTION,
+    }
     assert EXIT_COMPLETED == 0 and EXIT_COMPLETED not in prevented
     success = {int(code) for code in only(entries["SuccessExitStatus"]).split()}
     assert success == {128 + signal.SIGTERM}  # sidecar/commands.py: 128 + the signal
