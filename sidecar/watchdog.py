@@ -30,7 +30,7 @@ from sidecar.recover.hang_repeats import tell_repeat
 from sidecar.recover.health_gate import HealthGate
 from sidecar.recover.interruption import Interruptions
 from sidecar.recover.recovery import Outcome, OutcomeKind, Recovery
-from sidecar.restarters.base import Restarter, RestartError, TrainerStatus
+from sidecar.restarters.base import Restarter, RestartError, SurvivedKill, TrainerStatus
 from sidecar.run.ledger import Ledger
 from sidecar.run.locator import RunLocator
 from sidecar.run.lock import RunLock, RunLockHeld
@@ -506,7 +506,7 @@ class Watchdog:
         try:
             self.restarter.stop()
         except RestartError as error:
-            self.log.error(events.RESTART_FAILED, reason=str(error))
+            self._restart_failed(error)
             return False
         self.log.warning(
             events.DUPLICATE_TRAINER_STOPPED,
@@ -529,7 +529,7 @@ class Watchdog:
         try:
             self.restarter.stop_trees(stop)
         except RestartError as error:
-            self.log.error(events.RESTART_FAILED, reason=str(error))
+            self._restart_failed(error)
             return
         self.log.warning(
             events.DUPLICATE_TRAINER_STOPPED,
@@ -613,7 +613,9 @@ class Watchdog:
         """The hang's class from the hook (stacks, threads, section), or from the section."""
         if self._before_stop is not None:
             try:
-                return self._before_stop(verdict, figures)
+                found = self._before_stop(verdict, figures)
+                if "diagnosis" in found:
+                    return found
             except Exception as error:  # a report must never block recovery
                 self.log.error(events.INCIDENT_REPORT_FAILED, error=repr(error))
         named = str(figures.get("section"))
@@ -704,6 +706,15 @@ class Watchdog:
         try:
             self.restarter.stop()
         except RestartError as error:
+            self._restart_failed(error)
+
+    def _restart_failed(self, error: RestartError) -> None:
+        """Log a stop or start that failed; survivors of SIGKILL are the host's problem."""
+        if isinstance(error, SurvivedKill):
+            self.log.error(
+                events.HOST_NEEDS_ATTENTION, reason=str(error), processes=error.survivors
+            )
+        else:
             self.log.error(events.RESTART_FAILED, reason=str(error))
 
     # -- the view from other threads ---------------------------------------------------------

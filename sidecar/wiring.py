@@ -6,8 +6,10 @@ The only place that turns the settings into parts; each part gets the few values
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from sidecar.config import Settings
@@ -82,8 +84,22 @@ def flight_recorder_environment(paths: RunPaths) -> dict[str, str]:
     if paths.trainer.launch_ranks(command) <= 1:
         return {}
     folder = paths.flight_recorder
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _check_fifos(folder)
+    except OSError:
+        # A volume that cannot hold FIFOs (SMB, some FUSE mounts): the ranks could not make
+        # theirs; launch without the recorder rather than risk the launch.
+        return {}
     return recorder_environment(folder)
+
+
+def _check_fifos(folder: Path) -> None:
+    """Raises OSError when ``folder`` cannot hold a FIFO, as each rank makes its own."""
+    probe = folder / f".fifo-check-{os.getpid()}"
+    probe.unlink(missing_ok=True)
+    os.mkfifo(probe, 0o600)
+    probe.unlink()
 
 
 def _pod_restarter(

@@ -55,6 +55,7 @@ def test_a_stall_of_two_ranks_dumps_their_flight_recorders_first(tmp_path):
     assert stall["diagnosis"] == "collective_wait", stall
     notes = " ".join(stall.get("diagnosis_notes", [])) + " ".join(stall["diagnosis_evidence"])
     assert "ranks 1 behind" in notes, stall
+    assert "2 ranks launched" in notes, "the launch's rank count reaches the diagnosis"
     saved = run.named("incident_saved")[0]
     bundle = Path(saved["path"])
     summary = (bundle / "flight-recorder" / "summary.txt").read_text()

@@ -104,6 +104,14 @@ _SAVING_FRAMES = frozenset(
         "save_model",
     }
 )
+# The classes stacks show, in the order they are looked for: mechanisms before places.
+_FRAMES = {
+    HangClass.CUDA_SYNC: _CUDA_SYNC_FRAMES,
+    HangClass.COLLECTIVE_WAIT: _COLLECTIVE_FRAMES,
+    HangClass.DATALOADER_WAIT: _DATALOADER_FRAMES,
+    HangClass.SAMPLING: _SAMPLING_FRAMES,
+    HangClass.SAVING: _SAVING_FRAMES,
+}
 # Kernel wait channels of a thread asleep on another process: a pipe, a futex, a poll.
 _WAITING_CHANNELS = ("pipe", "futex", "poll", "select", "sk_wait", "unix_stream")
 # (not do_wait: a launcher waiting for its child to exit, as accelerate launch does)
@@ -205,6 +213,8 @@ def diagnose(evidence: Evidence) -> Diagnosis:
         notes += (f"no Python stacks: {evidence.stacks_missing}",)
     if evidence.flight_recorder:
         notes += (f"NCCL flight recorder: {evidence.flight_recorder}",)
+    if evidence.ranks > 1:
+        notes += (f"{evidence.ranks} ranks launched",)
     unchanged = _stacks_unchanged(evidence.stack_samples)
     for rule, basis in ((_gpu_lost, "nvml"), (_kernel_states, "kernel")):
         found = rule(evidence)
@@ -214,6 +224,12 @@ def diagnose(evidence: Evidence) -> Diagnosis:
     found = _from_stacks(evidence)
     if found is not None:
         kind, lines = found
+        # Moving or not is judged on the threads that showed the class: a tqdm or
+        # pin-memory thread that moves says nothing about a hung sampling.
+        matched = {
+            (s.pid, s.thread) for s in evidence.stack_samples[-1] if s.functions() & _FRAMES[kind]
+        }
+        unchanged = _stacks_unchanged(evidence.stack_samples, only=matched)
         return Diagnosis(kind, lines, "stacks", unchanged, notes)
     if evidence.flight_recorder and " behind" in evidence.flight_recorder:
         return Diagnosis(
@@ -276,13 +292,7 @@ def _from_stacks(evidence: Evidence) -> _Found:
         return None
     last = evidence.stack_samples[-1]
     # Mechanisms before places: a CUDA sync inside sampling is still a CUDA sync.
-    for kind, frames in (
-        (HangClass.CUDA_SYNC, _CUDA_SYNC_FRAMES),
-        (HangClass.COLLECTIVE_WAIT, _COLLECTIVE_FRAMES),
-        (HangClass.DATALOADER_WAIT, _DATALOADER_FRAMES),
-        (HangClass.SAMPLING, _SAMPLING_FRAMES),
-        (HangClass.SAVING, _SAVING_FRAMES),
-    ):
+    for kind, frames in _FRAMES.items():
         hits = [stack for stack in last if stack.functions() & frames]
         if hits:
             return kind, tuple(_stack_line(stack, frames) for stack in hits[:4])
@@ -342,10 +352,16 @@ def _all_asleep(process: ProcessView) -> bool:
     return bool(process.threads) and all(t.state in ("S", "I") for t in process.threads)
 
 
-def _stacks_unchanged(samples: Sequence[Sequence[ThreadStack]]) -> bool | None:
+def _stacks_unchanged(
+    samples: Sequence[Sequence[ThreadStack]], *, only: set[tuple[int, str]] | None = None
+) -> bool | None:
+    """The same frames in every sample (of the threads in ``only``, when given)."""
     if len(samples) < 2:
         return None
-    keyed = [{(s.pid, s.thread): s.frames for s in sample} for sample in samples]
+    keyed = [
+        {(s.pid, s.thread): s.frames for s in sample if only is None or (s.pid, s.thread) in only}
+        for sample in samples
+    ]
     return all(sample == keyed[0] for sample in keyed[1:])
 
 

@@ -62,17 +62,10 @@ def rearm_after_stall(state: RunState, seen: Observation) -> bool:
     return state.phase is Phase.STALLED and is_progress(seen)
 
 
-def made_progress(
-    chosen_completed_at: float | None,
-    *,
-    attempt_launched_at: float | None,
-    previous_completed_at: float | None,
-) -> bool:
-    """Whether the failed attempt left something newer to resume from: the state chosen
-    now was completed after it launched (or, with no attempt on record, after the state
-    resumed before). Falling back to an older state, or to the beginning, is no progress."""
+def made_progress(chosen_completed_at: float | None, previous_completed_at: float | None) -> bool:
+    """Whether the failed attempt left something newer to resume from than the state it
+    had resumed from: both times are the state files' own (the storage's clock, never the
+    sidecar's). Falling back to an older state, or to the beginning, is no progress."""
     if chosen_completed_at is None:
         return False
-    if attempt_launched_at is not None:
-        return chosen_completed_at >= attempt_launched_at
     return previous_completed_at is None or chosen_completed_at > previous_completed_at

@@ -153,9 +153,16 @@ def _process_view(row: dict[str, Any], gathered: Gathered) -> ProcessView:
             if before is not None and after is not None:
                 share = max(after - before, 0.0) / gathered.window
         state = thread.get("state")
-        if again is not None and again.get("state") != state:
-            # A thread seen in two states was moving; D or T must hold in both looks.
-            state = again.get("state") if state in ("D", "T", "t") else state
+        looked_again = row["pid"] in gathered.later_threads
+        if (
+            state in ("D", "T", "t")
+            and looked_again
+            and (again is None or again.get("state") != state)
+        ):
+            # D or T must hold in both looks: a thread seen in two states was moving, and
+            # one gone by the second look is no evidence. (No second look at all: its /proc
+            # read may be what blocked, itself a sign of uninterruptible sleep.)
+            state = again.get("state") if again is not None else None
         threads.append(
             ThreadView(
                 tid=thread["tid"],

@@ -113,7 +113,10 @@ def py_spy_dumps(
                     )
             except subprocess.TimeoutExpired:
                 process.kill()
-                output, _ = process.communicate()
+                output = ""
+                # A py-spy stuck in the kernel dies only when it leaves it: never wait for that.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    output, _ = process.communicate(timeout=1.0)
                 output = f"py-spy cut off at the incident deadline\n{output or ''}"
             results.append((pid, output))
         return results

@@ -68,13 +68,21 @@ class HealthGate:
         reading = self._read()
         if reading is None or reading.error is not None:
             return frozenset()
+        if not trainer_pids:
+            return frozenset()  # nothing of the trainer left (it crashed): nothing to wait for
         on_gpu = {process.pid for device in reading.devices for process in device.processes}
         trainers = on_gpu & set(trainer_pids)
         return frozenset(trainers or on_gpu)
 
-    def wait_until_released(self, held_by: frozenset[int]) -> GateDecision:
+    def wait_until_released(
+        self, held_by: frozenset[int], *, wait: Callable[[float], bool] | None = None
+    ) -> GateDecision | None:
         """After the stop: poll until ``held_by`` left the GPU, the bound passed, or the GPU
-        needs a reset; logs the outcome and returns the final decision (never WAIT)."""
+        needs a reset; logs the outcome and returns the final decision (never WAIT).
+
+        ``wait(seconds)`` sleeps between polls instead of ``sleep`` (the loop's: it beats the
+        heartbeat) and returns True when the sidecar is told to stop; the wait then ends
+        with None."""
         started = self._clock()
         while True:
             waited = max(0.0, self._clock() - started)
@@ -83,7 +91,11 @@ class HealthGate:
                 self._report(decision, held_by)
                 return decision
             # Never sleep past the bound: the last poll happens when it is reached.
-            self._sleep(max(0.0, min(self._interval, self._bound - waited)))
+            pause = max(0.0, min(self._interval, self._bound - waited))
+            if wait is None:
+                self._sleep(pause)
+            elif wait(pause):
+                return None
 
     def _read(self) -> HealthReading | None:
         """Read the probe, folding in the XIDs that earlier reads already drained."""

@@ -116,9 +116,7 @@ class Recovery:
             failed_from=failed_from,
         )
         progressed = made_progress(
-            choice.checkpoint.completed_at if choice.checkpoint else None,
-            attempt_launched_at=failed.launched_at if failed else None,
-            previous_completed_at=previous_completed_at,
+            choice.checkpoint.completed_at if choice.checkpoint else None, previous_completed_at
         )
         ledger = record.ledger
         ledger.futile_recoveries = 0 if progressed else ledger.futile_recoveries + 1
@@ -204,7 +202,9 @@ class Recovery:
         self.log.info(events.TRAINER_STOPPED, seconds=round(self._monotonic() - stopping_since, 3))
         if self.gate is None:
             return None
-        decision = self.gate.wait_until_released(holders)
+        decision = self.gate.wait_until_released(holders, wait=self._wait)
+        if decision is None:
+            return Outcome(OutcomeKind.SHUTTING_DOWN)  # told to stop while waiting
         if decision.gate is Gate.GPU_NEEDS_RESET:
             return self.stop_run(
                 record, OutcomeKind.GPU_NEEDS_RESET, decision.reason, gpu=decision.figures

@@ -10,10 +10,10 @@ trainer's own step counter restarts at every resume. Written atomically after ea
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar.atomic_files import replace_atomically
 
@@ -23,6 +23,9 @@ _READABLE_VERSIONS = (1, 2)
 # Resuming from the same checkpoint failed this often, with no newer checkpoint
 # appearing in between: the checkpoint itself is the likely culprit.
 QUARANTINE_AFTER_FAILURES = 2
+
+
+_Record = TypeVar("_Record")
 
 
 class LedgerError(Exception):
@@ -189,10 +192,19 @@ class Ledger:
         if not isinstance(data, dict) or data.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"expected a version {SCHEMA_VERSION} ledger")
         data.pop("version")
-        data["recoveries"] = [Recovery(**item) for item in data.get("recoveries", [])]
-        data["attempts"] = [Attempt(**item) for item in data.get("attempts", [])]
-        data["interruptions"] = [Interruption(**item) for item in data.get("interruptions", [])]
-        return cls(**data)
+        data["recoveries"] = [_known(Recovery, item) for item in data.get("recoveries", [])]
+        data["attempts"] = [_known(Attempt, item) for item in data.get("attempts", [])]
+        data["interruptions"] = [
+            _known(Interruption, item) for item in data.get("interruptions", [])
+        ]
+        return _known(cls, data)
+
+
+def _known(cls: type[_Record], item: dict[str, Any]) -> _Record:
+    """``cls`` from the fields it has: a key a newer sidecar added (one that ran this run
+    before a downgrade) is left out instead of making the whole ledger unreadable."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{key: value for key, value in item.items() if key in names})
 
 
 class LedgerStore:

@@ -43,7 +43,6 @@ NOTIFIED_EVENTS = frozenset(
         events.GAVE_UP,
         events.TRAINING_COMPLETED,
         events.HANG_REPEATED,
-        events.HOST_NEEDS_ATTENTION,
     }
 )
 SIGNATURE_HEADER = "X-Sidecar-Signature-256"

@@ -166,9 +166,7 @@ def render_text(report: StatusReport, now: float | None = None) -> str:
         stacks = f", {incident['stacks']} stack dump(s)" if incident["stacks"] else ""
         lines.append(
             f"  {incident['name']}  {incident['kind'] or '?':<6} {incident['reason'] or ''}"
-            f"  [{_size(incident['bytes'])}{stacks}]"
-            + (f"\n    diagnosis {incident['diagnosis']}: " if incident.get("diagnosis") else "")
-            + "; ".join(incident.get("evidence") or [])[:300]
+            f"  [{_size(incident['bytes'])}{stacks}]" + _diagnosis_line(incident)
         )
     return "\n".join(lines) + "\n"
 
@@ -258,6 +256,13 @@ def _last_checkpoint(
         "completed_at": newest.completed_at,
         "age_seconds": round(max(now - newest.completed_at, 0.0), 1),
     }
+
+
+def _diagnosis_line(incident: dict[str, Any]) -> str:
+    if not incident.get("diagnosis"):
+        return ""
+    evidence = "; ".join(incident.get("evidence") or [])[:300]
+    return f"\n    diagnosis {incident['diagnosis']}: {evidence}"
 
 
 def _bundle_summary(folder: Path) -> dict[str, Any]:

@@ -176,3 +176,21 @@ def test_figures_carry_the_class_and_its_evidence():
 
 def test_every_class_but_unknown_has_a_mitigation():
     assert set(MITIGATIONS) == set(HangClass) - {HangClass.UNKNOWN}
+
+
+def test_only_the_threads_that_showed_the_class_decide_whether_it_moves():
+    """A hung sampling stays hung when a tqdm thread's stack moves beside it."""
+    sampling = stack(*SAMPLING, pid=10, name="MainThread")
+    monitor_a = ThreadStack(10, "11", "tqdm", True, ("wait", "run"))
+    monitor_b = ThreadStack(10, "11", "tqdm", True, ("sleep", "run"))
+    seen = Evidence(stack_samples=((sampling, monitor_a), (sampling, monitor_b)))
+    diagnosis = diagnose(seen)
+    assert diagnosis.kind is HangClass.SAMPLING
+    assert diagnosis.stacks_unchanged is True
+    moved = Evidence(stack_samples=((sampling,), (stack("denoise", *SAMPLING, pid=10),)))
+    assert diagnose(moved).stacks_unchanged is False
+
+
+def test_several_ranks_are_noted():
+    diagnosis = diagnose(Evidence(ranks=4, stacks_missing="x"))
+    assert "4 ranks launched" in diagnosis.notes

@@ -80,3 +80,16 @@ def test_detect_only_watches_again_once_a_stalled_run_progresses() -> None:
     assert not rearm_after_stall(stalled, Observation(now=50.0))
     running = decision.started(0.0)
     assert not rearm_after_stall(running, Observation(now=50.0, log_grew=True))
+
+
+def test_progress_is_judged_on_the_state_files_own_clock() -> None:
+    """A newer state than the one resumed is progress, whatever the sidecar's clock says (an
+    NFS server behind it); the same one, an older one, or the beginning is not."""
+    from sidecar.decide.recovery_rules import made_progress
+
+    assert made_progress(1_000.0, 900.0)
+    assert not made_progress(900.0, 900.0)
+    assert not made_progress(800.0, 900.0)
+    assert not made_progress(None, 900.0)
+    assert made_progress(10.0, None), "the first state after a fresh start"
+    assert RULES.futile(3) and not RULES.futile(2)

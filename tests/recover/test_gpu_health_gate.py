@@ -267,3 +267,45 @@ class _NoGpu:
 def test_bad_bound_or_interval_is_refused(bound: float, interval: float) -> None:
     with pytest.raises(ValueError, match="seconds"):
         HealthGate(_NoGpu(), bound=bound, log=None, interval=interval)
+
+
+class _FixedProbe:
+    """The probe's answer held still: the gate's own choices, without NVML."""
+
+    def __init__(self, reading) -> None:
+        self.reading = reading
+
+    def read(self):
+        return self.reading
+
+    def close(self) -> None: ...
+
+
+def _someone_on_the_gpu():
+    from sidecar.observe.gpu_health import DeviceHealth, GpuProcess, HealthReading
+
+    device = DeviceHealth(0, GIB, 24 * GIB, (GpuProcess(99, GIB),), (), None)
+    return HealthReading(devices=(device,))
+
+
+def test_a_trainer_already_gone_leaves_nothing_to_wait_for() -> None:
+    """A crash: no trainer pid left, so not every process on the GPU is waited for."""
+    import structlog
+
+    gate = HealthGate(_FixedProbe(_someone_on_the_gpu()), bound=5.0, log=structlog.get_logger())
+    assert gate.holders([]) == frozenset()
+    assert gate.holders([5]) == frozenset({99}), "another PID namespace: everyone on the GPU"
+
+
+def test_a_stop_request_ends_the_wait() -> None:
+    import structlog
+
+    gate = HealthGate(_FixedProbe(_someone_on_the_gpu()), bound=60.0, log=structlog.get_logger())
+    asked: list[float] = []
+
+    def told_to_stop(seconds: float) -> bool:
+        asked.append(seconds)
+        return True
+
+    assert gate.wait_until_released(frozenset({99}), wait=told_to_stop) is None
+    assert len(asked) == 1

@@ -133,3 +133,27 @@ def test_a_version_2_ledger_without_interruption_keys_still_loads():
     old = {"version": 2, "recoveries": [], "completed": False}
     ledger = Ledger.from_json(json.dumps(old))
     assert (ledger.interruptions, ledger.supervising, ledger.abandoned) == ([], False, False)
+
+
+def test_keys_a_newer_sidecar_added_are_left_out_not_fatal():
+    """After a downgrade: fields this version does not know do not make the ledger unreadable."""
+    newer = {
+        "version": 2,
+        "recoveries": [
+            {"at": "x", "reason": "r", "kind": "stall", "checkpoint": None, "future": 1}
+        ],
+        "attempts": [{"launched_at": 1.0, "initial_step": 0, "future": True}],
+        "some_future_field": {"a": 1},
+    }
+    ledger = Ledger.from_json(json.dumps(newer))
+    assert ledger.restarts == 1 and ledger.recoveries[0].diagnosis is None
+    assert ledger.attempts[0].launched_at == 1.0
+
+
+def test_a_stall_keeps_its_diagnosis_and_where_it_failed_from(tmp_path):
+    ledger = Ledger()
+    ledger.record_recovery("stall", "r", "/s/b", diagnosis="cuda_sync", failed_from="/s/a")
+    store = LedgerStore(tmp_path)
+    store.save(ledger)
+    (recovery,) = store.load().recoveries
+    assert (recovery.diagnosis, recovery.failed_from) == ("cuda_sync", "/s/a")

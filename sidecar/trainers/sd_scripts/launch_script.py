@@ -104,8 +104,8 @@ def with_remedy(text: str, hang: str) -> str:
 
     - a dataloader wait: load in the main process (sd-scripts' ``--max_data_loader_n_workers
       0``; ``--persistent_data_loader_workers`` means nothing then, and goes);
-    - a CUDA synchronisation in block swapping: half the blocks (``--blocks_to_swap``),
-      none once one is left.
+    - a CUDA synchronisation in block swapping: half the blocks (``--blocks_to_swap``), at
+      least one (off altogether, the model may no longer fit the GPU).
     """
     command = parse_train_script(text)
     if hang == "dataloader_wait":
@@ -117,14 +117,9 @@ def with_remedy(text: str, hang: str) -> str:
         return _without(text, PERSISTENT_WORKERS) if persistent else text
     if hang == "cuda_sync":
         blocks = _int(command.option(BLOCKS_TO_SWAP))
-        if not blocks:
-            return text
-        fewer = blocks // 2
-        return (
-            set_option(text, BLOCKS_TO_SWAP, str(fewer))
-            if fewer
-            else _without(text, BLOCKS_TO_SWAP)
-        )
+        if not blocks or blocks < 2:
+            return text  # none left to drop: turning swapping off could run out of memory
+        return set_option(text, BLOCKS_TO_SWAP, str(blocks // 2))
     return text
 
 

@@ -35,12 +35,12 @@ def test_a_dataloader_wait_loads_in_the_main_process(tmp_path):
     assert launch_script.remedy(script, "dataloader_wait")[0] is False
 
 
-@pytest.mark.parametrize(("blocks", "fewer"), [("18", "9"), ("3", "1"), ("1", None)])
-def test_block_swapping_halves_the_blocks(blocks, fewer):
+@pytest.mark.parametrize(("blocks", "fewer"), [("18", "9"), ("3", "1"), ("1", "1")])
+def test_block_swapping_halves_the_blocks_down_to_one(blocks, fewer):
     text = DEFAULT.replace("--sdpa", f"--sdpa --blocks_to_swap {blocks}")
-    command = parse_train_script(launch_script.with_remedy(text, "cuda_sync"))
-    assert command.option("--blocks_to_swap") == fewer
-    assert command.has_option("--blocks_to_swap") is (fewer is not None)
+    remedied = launch_script.with_remedy(text, "cuda_sync")
+    assert parse_train_script(remedied).option("--blocks_to_swap") == fewer
+    assert (remedied == text) is (blocks == "1"), "one block left: nothing changes"
 
 
 def test_classes_without_a_script_remedy_change_nothing():
