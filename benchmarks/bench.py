@@ -98,7 +98,8 @@ class LogMtimeWatch:
 
 @dataclass
 class Incident:
-    detection: float  # onset (trainer's last write) -> stall_detected
+    detection: float  # onset (trainer's last write) -> the verdict (before the hang is looked at)
+    looking: float  # the verdict -> stall_detected: the diagnosis's two looks at the trainer
     recovery: float  # stall_detected -> trainer_restarted
     trainer_exit: float  # how long the trainer took to exit after SIGTERM
     lost: float | None  # onset -> first step of the restarted attempt
@@ -122,8 +123,10 @@ def hang_incident(
         e for e in run.named("training_progressing") if event_time(e) > event_time(restarted)
     ]
     onset = watch.last_write_before(event_time(stall))
+    looking = float(stall.get("diagnosis_seconds", 0.0))
     return Incident(
-        detection=event_time(stall) - onset,
+        detection=event_time(stall) - looking - onset,
+        looking=looking,
         recovery=event_time(restarted) - event_time(stall),
         trainer_exit=float(stopped["seconds"]),
         lost=event_time(progressing[0]) - onset if progressing else None,
@@ -187,6 +190,13 @@ def detection_rows(scratch: Path, repeat: int) -> list[Row]:
             spread([i.detection for i in gpu]),
             f"<= {gpu_bound:.1f} s (GPU idle + poll)",
             max(i.detection for i in gpu) / gpu_bound,
+        ),
+        Row(
+            "looking at a hang (diagnosis, max)",
+            f"{max(i.looking for i in fixed + gpu):.2f} s "
+            f"(median {statistics.median(i.looking for i in fixed + gpu):.2f} s)",
+            "<= 5 s (its budget)",
+            max(i.looking for i in fixed + gpu) / 5.0,
         ),
         Row(
             "recovery beyond trainer exit (max)",

@@ -567,7 +567,9 @@ class Watchdog:
         if verdict.kind is VerdictKind.STALL:
             # Every stall carries a class, looked at while the hung processes can still be
             # inspected (before the stop), so that the line people alert on says what hung.
+            looking_since = self.clocks.monotonic()
             figures.update(self._diagnose(verdict, figures))
+            figures["diagnosis_seconds"] = round(self.clocks.monotonic() - looking_since, 3)
             if self._extend_section(figures):
                 return None
             verdict = dataclasses.replace(verdict, figures={**verdict.figures, **figures})
