@@ -14,6 +14,9 @@
   - :mod:`~sidecar.simulator.terminal_output`: stdout/stderr lines, tqdm bars, the loss shown;
   - :mod:`~sidecar.simulator.gpu_state`: the GPU activity published for the NVML stand-in;
   - :mod:`~sidecar.simulator.fault_actor`: hangs and crashes carried out;
+  - :mod:`~sidecar.simulator.hangs`: the call chains and process shapes of each hang class
+    (dataloader workers, block swapping, a collective, uninterruptible sleep, sampling, ...),
+    under upstream's names, as py-spy and ``/proc`` show them;
   - :mod:`~sidecar.simulator.context`: the streams, GPU, faults and time those parts share;
 - :mod:`~sidecar.simulator.faults`: the ``SIM_FAULTS`` grammar and the :class:`Fault` builder;
 - :mod:`~sidecar.simulator.accelerate_shim`: the stand-in ``accelerate launch``;
