@@ -24,23 +24,7 @@ import pynvml
 import structlog
 
 from sidecar import events
-
-# pynvml wraps every NVML return code in an NVMLError subclass; OSError covers a
-# library that exists but cannot be used (wrong architecture, missing symbols at load).
-_NVML_FAILURES: tuple[type[Exception], ...] = (pynvml.NVMLError, OSError)
-
-# After these, the handles are worthless: NVML must be shut down and initialised again.
-_NEEDS_REINIT: tuple[type[Exception], ...] = (
-    pynvml.NVMLError_Uninitialized,
-    pynvml.NVMLError_GpuIsLost,
-)
-
-# Power is optional telemetry: many boards (and MIG slices, some laptops) answer
-# NotSupported, and an old driver may lack the symbol altogether.
-_POWER_UNAVAILABLE: tuple[type[Exception], ...] = (
-    pynvml.NVMLError_NotSupported,
-    pynvml.NVMLError_FunctionNotFound,
-)
+from sidecar.observe import nvml_errors
 
 
 @dataclass(frozen=True)
@@ -137,8 +121,8 @@ class NvmlGpuMonitor:
                 return self._poll_failed(failure.error, failure.error_type, reinitialise=True)
         try:
             samples = tuple(self._read_device(device) for device in self._devices)
-        except _NVML_FAILURES as error:
-            reinitialise = isinstance(error, _NEEDS_REINIT)
+        except nvml_errors.FAILURES as error:
+            reinitialise = isinstance(error, nvml_errors.NEEDS_REINIT)
             if reinitialise:
                 self._needs_connect = True
             return self._poll_failed(str(error), type(error).__name__, reinitialise=reinitialise)
@@ -164,12 +148,12 @@ class NvmlGpuMonitor:
         self._shutdown()
         try:
             pynvml.nvmlInit()
-        except _NVML_FAILURES as error:
+        except nvml_errors.FAILURES as error:
             return self._init_failed(str(error), type(error).__name__, now)
         self._initialised = True
         try:
             devices, names = self._enumerate()
-        except _NVML_FAILURES as error:
+        except nvml_errors.FAILURES as error:
             # The library answers but a card does not: report it like any failed poll.
             raise _PollFailed(str(error), type(error).__name__) from error
         if not devices:
@@ -238,7 +222,7 @@ class NvmlGpuMonitor:
         # Only for the detection log line; a driver that cannot say is still usable.
         try:
             return _as_text(pynvml.nvmlSystemGetDriverVersion())
-        except _NVML_FAILURES as error:
+        except nvml_errors.FAILURES as error:
             self._log.debug(events.GPU_DRIVER_VERSION_UNKNOWN, error=str(error))
             return None
 
@@ -250,7 +234,7 @@ class NvmlGpuMonitor:
         self._initialised = False
         try:
             pynvml.nvmlShutdown()
-        except _NVML_FAILURES as error:
+        except nvml_errors.FAILURES as error:
             self._log.debug(events.GPU_SHUTDOWN_FAILED, error=str(error))
 
     # -- polling ------------------------------------------------------------------------
@@ -270,7 +254,7 @@ class NvmlGpuMonitor:
     def _read_power_watts(handle: object) -> float | None:
         try:
             milliwatts = pynvml.nvmlDeviceGetPowerUsage(handle)
-        except _POWER_UNAVAILABLE:
+        except nvml_errors.UNSUPPORTED:
             return None  # an answer, not a failure: this board does not report power
         return int(milliwatts) / 1000.0
 

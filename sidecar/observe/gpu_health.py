@@ -34,6 +34,7 @@ import pynvml
 import structlog
 
 from sidecar import events
+from sidecar.observe import nvml_errors
 
 # pynvml's str() of NVMLError_GpuIsLost; the probe reports a lost card with exactly this
 # text, which is what the health gate looks for.
@@ -58,22 +59,6 @@ _RECOVERY_ACTION_FIELD = 230
 
 # Bounds one read's drain, so that an event storm cannot hold the gate in a loop.
 _MAX_EVENTS_PER_READ = 1024
-
-# pynvml wraps every NVML return code in an NVMLError subclass; OSError covers a library
-# that exists but cannot be used (wrong architecture, missing symbols at load).
-_NVML_FAILURES: tuple[type[Exception], ...] = (pynvml.NVMLError, OSError)
-
-# A field or call the driver does not offer: an answer about that field, not a failure.
-_UNSUPPORTED: tuple[type[Exception], ...] = (
-    pynvml.NVMLError_NotSupported,
-    pynvml.NVMLError_FunctionNotFound,
-)
-
-# After these, the handles are worthless: NVML must be shut down and initialised again.
-_NEEDS_REINIT: tuple[type[Exception], ...] = (
-    pynvml.NVMLError_Uninitialized,
-    pynvml.NVMLError_GpuIsLost,
-)
 
 
 @dataclass(frozen=True)
@@ -157,7 +142,7 @@ class NvmlHealthProbe:
         if not self._initialised:
             try:
                 pynvml.nvmlInit()
-            except _NVML_FAILURES as error:
+            except nvml_errors.FAILURES as error:
                 return self._failed(error) if self._seen_gpu else None
             self._initialised = True
         try:
@@ -170,7 +155,7 @@ class NvmlHealthProbe:
                 self._devices = watched
             xids = self._drain_xids()
             health = tuple(self._read_device(device, xids) for device in self._devices)
-        except _NVML_FAILURES as error:
+        except nvml_errors.FAILURES as error:
             return self._failed(error)
         self._seen_gpu = True
         return HealthReading(devices=health)
@@ -202,7 +187,7 @@ class NvmlHealthProbe:
             return
         try:
             event_set = pynvml.nvmlEventSetCreate()
-        except _UNSUPPORTED as error:
+        except nvml_errors.UNSUPPORTED as error:
             self._events_unavailable(error)
             return
         self._event_set = event_set
@@ -211,10 +196,10 @@ class NvmlHealthProbe:
                 pynvml.nvmlDeviceRegisterEvents(
                     device.handle, pynvml.nvmlEventTypeXidCriticalError, event_set
                 )
-        except _UNSUPPORTED as error:
+        except nvml_errors.UNSUPPORTED as error:
             self._free_event_set()
             self._events_unavailable(error)
-        except _NVML_FAILURES:
+        except nvml_errors.FAILURES:
             self._free_event_set()
             raise
 
@@ -237,7 +222,7 @@ class NvmlHealthProbe:
         self._initialised = False
         try:
             pynvml.nvmlShutdown()
-        except _NVML_FAILURES as error:
+        except nvml_errors.FAILURES as error:
             self._log.debug(events.GPU_SHUTDOWN_FAILED, error=str(error))
 
     def _free_event_set(self) -> None:
@@ -246,12 +231,12 @@ class NvmlHealthProbe:
             return
         try:
             pynvml.nvmlEventSetFree(event_set)
-        except _NVML_FAILURES as error:
+        except nvml_errors.FAILURES as error:
             self._log.debug(events.GPU_SHUTDOWN_FAILED, error=str(error), what="event set")
 
     def _failed(self, error: Exception) -> HealthReading:
         """A GPU that answered before does not now: report it, and reconnect next read."""
-        if isinstance(error, _NEEDS_REINIT):
+        if isinstance(error, nvml_errors.NEEDS_REINIT):
             self._shutdown()
         if isinstance(error, pynvml.NVMLError_GpuIsLost):
             return HealthReading(devices=(), error=GPU_LOST_ERROR)
@@ -314,7 +299,7 @@ class NvmlHealthProbe:
     def _read_recovery_action(handle: object) -> str | None:
         try:
             [value] = pynvml.nvmlDeviceGetFieldValues(handle, [_RECOVERY_ACTION_FIELD])
-        except _UNSUPPORTED:
+        except nvml_errors.UNSUPPORTED:
             return None
         if value.nvmlReturn != pynvml.NVML_SUCCESS:
             return None  # NOT_SUPPORTED on drivers before 570: the field, not the call, fails
