@@ -9,13 +9,17 @@ test session and folder, and only again when the C source changes.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).with_name("fake_nvml.c")
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # the child imports this checkout's sidecar
 LIBRARY_NAME = "libnvidia-ml.so.1"
 STATE_FILE_VARIABLE = "FAKE_NVML_STATE_FILE"
 
@@ -73,3 +77,22 @@ def _build_cached(dest_dir: Path, _source_mtime_ns: int, omitted: tuple[str, ...
         raise RuntimeError(f"gcc failed to build the fake NVML library:\n{result.stderr}")
     os.replace(partial, library)
     return library
+
+
+def run_child(code: str, library_dir: Path, state_file: Path, plan: object) -> dict[str, Any]:
+    """Run ``code`` in a fresh Python whose only NVML is in ``library_dir``, the plan as JSON
+    on its stdin; its stdout's JSON is the result (the test fails on a non-zero exit)."""
+    env = child_environment(library_dir, state_file)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(plan),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result: dict[str, Any] = json.loads(completed.stdout)
+    return result

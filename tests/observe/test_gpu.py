@@ -9,7 +9,6 @@ as JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nvml_stub.build import STATE_FILE_VARIABLE, CompilerMissing, build_fake_nvml
-from repo_paths import REPO_ROOT
+from nvml_stub.build import CompilerMissing, build_fake_nvml, run_child
 
-REPOSITORY_ROOT = REPO_ROOT
 GIB = 1024**3
 
 # Runs in the child. Plan steps: {"state": text} rewrites the fake's state file,
@@ -81,24 +78,7 @@ def empty_library_dir(tmp_path: Path) -> Iterator[Path]:
 
 def run_plan(library_dir: Path, state_file: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """Run the plan in a child whose only NVML candidate is in ``library_dir``."""
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = str(library_dir)
-    env[STATE_FILE_VARIABLE] = str(state_file)
-    env["PYTHONPATH"] = os.pathsep.join(
-        part for part in (str(REPOSITORY_ROOT), env.get("PYTHONPATH")) if part
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        input=json.dumps(plan),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    result: dict[str, Any] = json.loads(completed.stdout)
-    return result
+    return run_child(CHILD, library_dir, state_file, plan)
 
 
 def events(result: dict[str, Any], name: str) -> list[dict[str, Any]]:

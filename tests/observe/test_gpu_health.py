@@ -7,7 +7,6 @@ fake's state file, read, close, ask NVML directly) and prints every reading as J
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nvml_stub.build import CompilerMissing, build_fake_nvml, child_environment
-from repo_paths import REPO_ROOT
+from nvml_stub.build import CompilerMissing, build_fake_nvml, run_child
 
 GIB = 1024**3
 
@@ -69,20 +67,7 @@ def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_plan(library_dir: Path, state_file: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    env = child_environment(library_dir, state_file)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    completed = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        input=json.dumps(plan),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    result: dict[str, Any] = json.loads(completed.stdout)
-    return result
+    return run_child(CHILD, library_dir, state_file, plan)
 
 
 def readings(library_dir: Path, tmp_path: Path, *steps: dict[str, Any], **plan: Any) -> list[Any]:

@@ -8,16 +8,11 @@ changes under it: from a thread after a delay, as the driver freeing a context w
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nvml_stub.build import CompilerMissing, build_fake_nvml, child_environment
-from repo_paths import REPO_ROOT
+from nvml_stub.build import CompilerMissing, build_fake_nvml, run_child
 
 from sidecar.recover.health_gate import HealthGate
 
@@ -99,20 +94,7 @@ def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_gate(library_dir: Path, tmp_path: Path, **plan: Any) -> dict[str, Any]:
-    env = child_environment(library_dir, tmp_path / "state")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    completed = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        input=json.dumps(plan),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    result: dict[str, Any] = json.loads(completed.stdout)
-    return result
+    return run_child(CHILD, library_dir, tmp_path / "state", plan)
 
 
 def logged(result: dict[str, Any], name: str) -> list[dict[str, Any]]:
