@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
 
 REAL_TRAINER = REPO / "tests" / "real_accelerate" / "sd_trainer.py"
+sys.path.insert(0, str(REAL_TRAINER.parent))
+from stand_in_launch import fluxgym_train_sh  # noqa: E402  (the stand-in's train.sh)
+
 TOTAL_SECONDS = 480.0  # the whole check, both runs
 RUN_SECONDS = 210.0  # one sidecar run: CUDA start-up twice, the hang, the resume, the end
 HANG_STEP = 10
@@ -47,23 +50,7 @@ EPOCHS, BATCHES = 4, 8  # 32 steps of 0.2 s
 HANG_AT_FILE = ".gpu_check_hang_at"  # the trainer writes time.time() here when it hangs
 BUSY_VARIABLE = "GPU_CHECK_BUSY_AT"
 
-# FluxGym's launch line and output flags, cut to what the stand-in parses (as
-# tests/real_accelerate/test_real_resume.py does); /app/fluxgym and my-lora are replaced.
-TRAIN_SH = (
-    "accelerate launch \\\n"
-    "  --mixed_precision bf16 \\\n"
-    "  --num_cpu_threads_per_process 1 \\\n"
-    "  sd-scripts/flux_train_network.py \\\n"
-    "  --seed 42 \\\n"
-    "  --mixed_precision bf16 \\\n"
-    "  --save_model_as safetensors \\\n"
-    "  --learning_rate 8e-4 \\\n"
-    f"  --max_train_epochs {EPOCHS} \\\n"
-    '  --dataset_config "/app/fluxgym/outputs/my-lora/dataset.toml" \\\n'
-    '  --output_dir "/app/fluxgym/outputs/my-lora" \\\n'
-    "  --output_name my-lora \\\n"
-    "  --save_state \\"
-)
+TRAIN_SH = fluxgym_train_sh(EPOCHS)
 CADENCE = "--save_every_n_epochs 4 --save_every_n_steps 4"
 
 # sd-scripts/flux_train_network.py of the tree: sd_trainer.py on CUDA, with the time of the

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from conftest import FAST_SETTINGS, run_sidecar
+from stand_in_launch import fluxgym_train_sh
 
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import SidecarRun
@@ -46,24 +47,7 @@ TRAINER = Path(__file__).resolve().parent / "sd_trainer.py"
 EPOCHS = 4
 BATCHES = 8  # steps per epoch: batch size 1, no gradient accumulation, one process
 
-# FluxGym's generated train.sh, cut to what the stand-in understands: the same launch line,
-# the same output flags, the dangling final backslash; the cadence is appended like FluxGym's
-# advanced options. /app/fluxgym and my-lora are replaced by build_fluxgym_tree.
-TRAIN_SH = (
-    "accelerate launch \\\n"
-    "  --mixed_precision bf16 \\\n"
-    "  --num_cpu_threads_per_process 1 \\\n"
-    "  sd-scripts/flux_train_network.py \\\n"
-    "  --seed 42 \\\n"
-    "  --mixed_precision bf16 \\\n"
-    "  --save_model_as safetensors \\\n"
-    "  --learning_rate 8e-4 \\\n"
-    f"  --max_train_epochs {EPOCHS} \\\n"
-    '  --dataset_config "/app/fluxgym/outputs/my-lora/dataset.toml" \\\n'
-    '  --output_dir "/app/fluxgym/outputs/my-lora" \\\n'
-    "  --output_name my-lora \\\n"
-    "  --save_state \\"
-)
+TRAIN_SH = fluxgym_train_sh(EPOCHS)
 EPOCH_STATES = "--save_every_n_epochs 1"
 # Mid-epoch states only: FluxGym's default --save_every_n_epochs 4 is the last epoch here, for
 # which sd-scripts saves no epoch state (train_network.py ~1692).
