@@ -11,21 +11,20 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from c_library import CompilerMissing, compile_shared_library
+
+__all__ = ["CompilerMissing", "build_fake_nvml", "child_environment", "run_child"]
+
 SOURCE = Path(__file__).with_name("fake_nvml.c")
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # the child imports this checkout's sidecar
 LIBRARY_NAME = "libnvidia-ml.so.1"
 STATE_FILE_VARIABLE = "FAKE_NVML_STATE_FILE"
-
-
-class CompilerMissing(RuntimeError):
-    """No gcc on PATH: callers skip the tests that need the fake rather than fail them."""
 
 
 # What ``omit`` may leave out, to stage an older driver (see fake_nvml.c's header).
@@ -60,23 +59,12 @@ def child_environment(library_dir: Path, state_file: Path) -> dict[str, str]:
 @functools.cache
 def _build_cached(dest_dir: Path, _source_mtime_ns: int, omitted: tuple[str, ...]) -> Path:
     # The mtime is part of the cache key so an edited fake is rebuilt within a session.
-    compiler = shutil.which("gcc")
-    if compiler is None:
-        raise CompilerMissing("gcc is not on PATH; cannot build the fake libnvidia-ml.so.1")
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    library = dest_dir / LIBRARY_NAME
-    # Build beside the target and rename, so a concurrent reader never loads half a file.
-    partial = dest_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
-    command = [compiler, "-Wall", "-Wextra", "-O2", "-shared", "-fPIC"]
-    command += [f"-DFAKE_OMIT_{group}" for group in omitted]
-    result = subprocess.run(
-        [*command, "-o", str(partial), str(SOURCE)], capture_output=True, text=True, check=False
+    return compile_shared_library(
+        SOURCE,
+        dest_dir / LIBRARY_NAME,
+        flags=[f"-DFAKE_OMIT_{group}" for group in omitted],
+        what="the fake NVML library",
     )
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"gcc failed to build the fake NVML library:\n{result.stderr}")
-    os.replace(partial, library)
-    return library
 
 
 def run_child(code: str, library_dir: Path, state_file: Path, plan: object) -> dict[str, Any]:
