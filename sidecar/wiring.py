@@ -6,10 +6,8 @@ The only place that turns the settings into parts; each part gets the few values
 
 from __future__ import annotations
 
-import os
 import re
 import threading
-from pathlib import Path
 from typing import Any
 
 from sidecar.config import Settings
@@ -56,6 +54,7 @@ def build_restarter(
 
 
 def _process_restarter(settings: Settings, paths: RunPaths, log: Any) -> Restarter:
+    from sidecar.observe.flight_recorder import launch_environment
     from sidecar.restarters.process import ProcessRestarter, default_echo
     from sidecar.run.lock import TrainerPidFile
 
@@ -67,39 +66,9 @@ def _process_restarter(settings: Settings, paths: RunPaths, log: Any) -> Restart
         echo=default_echo() if settings.echo_trainer_output else None,
         log=log.info,
         pid_file=TrainerPidFile(paths.state_dir),
-        environment=lambda: flight_recorder_environment(paths),
+        # The NCCL flight recorder, for a launch of more than one process.
+        environment=lambda: launch_environment(paths.flight_recorder, paths.launch_ranks()),
     )
-
-
-def flight_recorder_environment(paths: RunPaths) -> dict[str, str]:
-    """The NCCL flight recorder's variables when train.sh starts more than one process
-    (collectives that can hang); nothing for a single-process launch."""
-    from sidecar.observe.flight_recorder import recorder_environment
-    from sidecar.run.paths import RunSetupError, read_train_script
-
-    try:
-        _, command = read_train_script(paths.train_script, paths.trainer)
-    except RunSetupError:
-        return {}
-    if paths.trainer.launch_ranks(command) <= 1:
-        return {}
-    folder = paths.flight_recorder
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        _check_fifos(folder)
-    except OSError:
-        # A volume that cannot hold FIFOs (SMB, some FUSE mounts): the ranks could not make
-        # theirs; launch without the recorder rather than risk the launch.
-        return {}
-    return recorder_environment(folder)
-
-
-def _check_fifos(folder: Path) -> None:
-    """Raises OSError when ``folder`` cannot hold a FIFO, as each rank makes its own."""
-    probe = folder / f".fifo-check-{os.getpid()}"
-    probe.unlink(missing_ok=True)
-    os.mkfifo(probe, 0o600)
-    probe.unlink()
 
 
 def _pod_restarter(

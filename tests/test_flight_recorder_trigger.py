@@ -73,18 +73,15 @@ def test_a_stall_of_two_ranks_dumps_their_flight_recorders_first(tmp_path):
 
 def test_a_single_process_launch_gets_no_recorder(tmp_path):
     from sidecar.config import Settings
+    from sidecar.observe.flight_recorder import launch_environment
     from sidecar.run.paths import resolve_run_paths
-    from sidecar.wiring import flight_recorder_environment
 
-    single = build_fluxgym_tree(tmp_path / "one")
-    assert (
-        flight_recorder_environment(resolve_run_paths(Settings(train_script=single.train_script)))
-        == {}
-    )
+    def environment(tree):
+        paths = resolve_run_paths(Settings(train_script=tree.train_script))
+        return launch_environment(paths.flight_recorder, paths.launch_ranks())
+
+    assert environment(build_fluxgym_tree(tmp_path / "one")) == {}
     double = _two_rank_tree(tmp_path / "two")
-    environment = flight_recorder_environment(
-        resolve_run_paths(Settings(train_script=double.train_script))
-    )
     folder = double.output_dir / ".sidecar" / "flight-recorder"
-    assert environment["TORCH_NCCL_DEBUG_INFO_PIPE_FILE"] == f"{folder}/pipe_rank_"
+    assert environment(double)["TORCH_NCCL_DEBUG_INFO_PIPE_FILE"] == f"{folder}/pipe_rank_"
     assert folder.is_dir()

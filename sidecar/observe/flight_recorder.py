@@ -96,6 +96,23 @@ def recorder_environment(folder: Path) -> dict[str, str]:
     }
 
 
+def launch_environment(folder: Path, ranks: int) -> dict[str, str]:
+    """The recorder's variables for a launch of ``ranks`` processes: none for one (no
+    collectives), none when ``folder`` cannot be made or hold FIFOs (SMB, some FUSE mounts:
+    the ranks could not make theirs, and the launch must not be put at risk)."""
+    if ranks <= 1:
+        return {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fifo-check-{os.getpid()}"
+        probe.unlink(missing_ok=True)
+        os.mkfifo(probe, 0o600)
+        probe.unlink()
+    except OSError:
+        return {}
+    return recorder_environment(folder)
+
+
 @dataclass(frozen=True)
 class FlightDumps:
     """What one round of dump requests got.

@@ -37,6 +37,14 @@ class RunPaths:
     path_map: PathMap
     trainer: Trainer = SD_SCRIPTS  # whose launch script, state folders and progress lines
 
+    def launch_ranks(self) -> int:
+        """How many processes train.sh starts now (1 when it cannot be read)."""
+        try:
+            _, command = read_train_script(self.train_script, self.trainer)
+        except RunSetupError:
+            return 1
+        return self.trainer.launch_ranks(command)
+
     @property
     def flight_recorder(self) -> Path:
         """Where a multi-process launch's ranks keep their NCCL dump FIFOs and dumps."""

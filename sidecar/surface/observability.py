@@ -21,7 +21,6 @@ from sidecar import events
 from sidecar.config import Settings
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.python_stacks import find_py_spy
-from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.surface.health import Heartbeat
 from sidecar.surface.http_server import SurfaceServer, start_http_surface
 from sidecar.surface.incidents import IncidentRecorder, IncidentSources
@@ -36,15 +35,6 @@ from sidecar.surface.metrics import (
 from sidecar.surface.notifications import WebhookNotifier, WebhookTarget
 from sidecar.surface.step_rate import StepRate
 from sidecar.watchdog import Watchdog
-
-
-def launch_ranks(paths: RunPaths) -> int:
-    """How many processes the run's launch starts (1 when train.sh cannot be read now)."""
-    try:
-        _, command = read_train_script(paths.train_script, paths.trainer)
-    except RunSetupError:
-        return 1
-    return paths.trainer.launch_ranks(command)
 
 
 class Observability:
@@ -187,6 +177,6 @@ class Observability:
             state_dir=paths.state_dir,
             train_log=paths.train_log,
             pids=restarter.trainer_pids() if restarter is not None else [],
-            ranks=launch_ranks(paths),
+            ranks=paths.launch_ranks(),
             flight_recorder=paths.flight_recorder,
         )
