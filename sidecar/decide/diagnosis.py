@@ -191,6 +191,18 @@ class Diagnosis:
     def mitigation(self) -> str | None:
         return MITIGATIONS.get(self.kind)
 
+    def record(self) -> dict[str, object]:
+        """The whole diagnosis, as the incident bundle keeps it (``diagnosis.json``)."""
+        return {
+            "class": self.kind.value,
+            "description": self.description,
+            "basis": self.basis,
+            "evidence": list(self.evidence),
+            "stacks_unchanged": self.stacks_unchanged,
+            "notes": list(self.notes),
+            "mitigation": self.mitigation,
+        }
+
     def figures(self) -> dict[str, object]:
         """What the stall_detected line, the webhook and the bundle carry."""
         return {

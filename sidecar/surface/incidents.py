@@ -153,17 +153,7 @@ class IncidentRecorder:
                 "pids": list(sources.pids),
             }
         )
-        pieces["diagnosis.json"] = _json(
-            {
-                "class": diagnosis.kind.value,
-                "description": diagnosis.description,
-                "basis": diagnosis.basis,
-                "evidence": list(diagnosis.evidence),
-                "stacks_unchanged": diagnosis.stacks_unchanged,
-                "notes": list(diagnosis.notes),
-                "mitigation": diagnosis.mitigation,
-            }
-        )
+        pieces["diagnosis.json"] = _json(diagnosis.record())
         folder = self._write(
             sources.state_dir / INCIDENTS_FOLDER,
             {**pieces, **dict(gathered.flight_dumps)},
