@@ -118,6 +118,12 @@ _WAITING_CHANNELS = ("pipe", "futex", "poll", "select", "sk_wait", "unix_stream"
 _SPINNING_SHARE = 0.5  # of one CPU over the sampling window: a thread busy-waiting
 
 
+def is_python(cmdline: str, name: str) -> bool:
+    """A Python process, by its executable's name (python, python3.11) or its own name."""
+    first = cmdline.split(" ", 1)[0].rsplit("/", 1)[-1]
+    return "python" in first or "python" in name
+
+
 @dataclass(frozen=True)
 class ThreadView:
     tid: int
@@ -138,8 +144,7 @@ class ProcessView:
 
     @property
     def is_python(self) -> bool:
-        first = self.cmdline.split(" ", 1)[0].rsplit("/", 1)[-1]
-        return "python" in first or "python" in self.name
+        return is_python(self.cmdline, self.name)
 
 
 @dataclass(frozen=True)

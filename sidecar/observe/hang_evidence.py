@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.decide.diagnosis import Evidence, ProcessView, ThreadView
+from sidecar.decide.diagnosis import Evidence, ProcessView, ThreadView, is_python
 from sidecar.decide.sections import Section
 from sidecar.observe.python_stacks import PySpyRuns, parse_dump, py_spy_dumps
 from sidecar.observe.thread_states import describe_process, thread_rows, trainer_processes
@@ -60,7 +60,11 @@ def gather(
     first_at = clock()
     for process in processes:
         into.rows.append(describe_process(process))
-    pythons = [row["pid"] for row in into.rows if _is_python(row)][:MAX_PYSPY_PROCESSES]
+    pythons = [
+        row["pid"]
+        for row in into.rows
+        if is_python(str(row.get("cmdline", "")), str(row.get("name", "")))
+    ][:MAX_PYSPY_PROCESSES]
     if py_spy is None:
         into.stacks_missing = no_py_spy
     elif not pythons:
@@ -104,11 +108,6 @@ def _refused(text: str) -> bool:
     if text.startswith("py-spy could not start"):
         return True
     return text.startswith("py-spy exited") and any(w in text.lower() for w in _NOT_PERMITTED)
-
-
-def _is_python(row: dict[str, Any]) -> bool:
-    first = str(row.get("cmdline", "")).split(" ", 1)[0]
-    return "python" in first.rsplit("/", 1)[-1] or "python" in str(row.get("name", ""))
 
 
 def evidence(
