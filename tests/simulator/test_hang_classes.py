@@ -32,6 +32,7 @@ from nvml_stub.build import CompilerMissing as NvmlCompilerMissing
 from sidecar.observe.process_tree import terminate_tree, tree_of
 from sidecar.simulator import Fault, FluxgymTree, build_fluxgym_tree, format_faults
 from sidecar.simulator.faults import FaultPlan, parse_fault
+from sidecar.simulator.gpu_state import HELD_BYTES
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 FAST = {
@@ -331,7 +332,12 @@ def test_busy_hang_spins_in_all_reduce_wait(start: Callable[..., Trainer], tmp_p
     python = trainer.python()
     threads = trainer.wait_for_thread(python.pid, ["all_reduce", "wait"])
     assert threads[0].frames[-2:] == ["all_reduce", "wait"]
-    assert gpu_state(state_file).items() >= {"util": "100", "power_mw": "60000"}.items()
+    assert gpu_state(state_file) == {
+        "util": "100",
+        "power_mw": "60000",
+        "procs": f"{python.pid}:{HELD_BYTES}",
+        "free_on_exit": "1",
+    }
     trainer.end()
 
 
@@ -449,9 +455,15 @@ def test_gpu_lost_tells_the_stand_in_nvml(start: Callable[..., Trainer], tmp_pat
     state_file = tmp_path / "gpu-state"
     trainer = start("gpu_lost@step=2", SIM_GPU_STATE_FILE=str(state_file))
     trainer.wait_for(lambda: gpu_state(state_file).get("error") == "gpu_lost", "error=gpu_lost")
-    expected = {"util": "0", "power_mw": "30000", "error": "gpu_lost"}
-    assert gpu_state(state_file).items() >= expected.items()
-    assert proc_state(trainer.python().pid) == "S"
+    python = trainer.python()
+    assert gpu_state(state_file) == {
+        "util": "0",
+        "power_mw": "30000",
+        "procs": f"{python.pid}:{HELD_BYTES}",
+        "free_on_exit": "1",
+        "error": "gpu_lost",
+    }
+    assert proc_state(python.pid) == "S"
     try:
         library = build_fake_nvml(tmp_path / "nvml")
     except NvmlCompilerMissing as error:

@@ -33,6 +33,7 @@ from sidecar.simulator.file_formats import (
     torch_archive_bytes,
 )
 from sidecar.simulator.fluxgym_tree import FIXTURE_SCRIPTS, fixture_script, render_train_script
+from sidecar.simulator.gpu_state import HELD_BYTES
 from sidecar.simulator.resume_position import ResumePosition, resume_position
 from sidecar.simulator.schedule import TrainingPlan, stale_step_state
 from sidecar.simulator.terminal_output import format_progress
@@ -413,10 +414,10 @@ def test_hang_idle_stops_progress_with_an_idle_cpu(
     assert run.process.poll() is None
     assert run.cpu_seconds() - before < 0.1
     assert run.progress()[-1] == (3, 32)
-    state = gpu_file.read_text()
-    assert state.startswith("util=0\npower_mw=30000\n")
     # The trainer holds GPU memory as itself, and the stand-in frees it when it exits.
-    assert f"procs={children[0].pid}:" in state and "free_on_exit=1" in state
+    assert gpu_file.read_text() == (
+        f"util=0\npower_mw=30000\nprocs={children[0].pid}:{HELD_BYTES}\nfree_on_exit=1\n"
+    )
 
 
 def test_hang_busy_burns_cpu_and_reports_a_busy_gpu(
