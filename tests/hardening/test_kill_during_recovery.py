@@ -97,6 +97,7 @@ class Sidecar:
         )
         self.events: list[str] = []
         self.crashes = threading.Event()
+        self.restarted = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -108,6 +109,8 @@ class Sidecar:
                 self.events.append(name)
                 if name == "trainer_crashed":
                     self.crashes.set()
+                elif name == "trainer_restarted" and self.crashes.is_set():
+                    self.restarted.set()
 
     def wait_for_crash(self, timeout: float = 30) -> None:
         """Until this sidecar has seen the trainer crash; fails when the sidecar itself ended."""
@@ -171,11 +174,13 @@ def test_sigkill_at_random_moments_of_recovery_loses_nothing(tmp_path: Path) -> 
             restarts = check_nothing_lost(tree, original, restarts)
             time.sleep(rng.uniform(0.0, 1.0))  # the orchestrator takes its time
 
+        # After all that, a sidecar left alone still recovers the run, and stops cleanly.
         sidecar = Sidecar(tree, stderr)
         sidecar.wait_for_crash()
+        assert sidecar.restarted.wait(30), f"no recovery after the kills: {sidecar.events}"
         sidecar.process.send_signal(signal.SIGTERM)
         assert sidecar.process.wait(timeout=30) == 128 + signal.SIGTERM
-        check_nothing_lost(tree, original, restarts)
+        restarts = check_nothing_lost(tree, original, restarts)
         deadline = time.monotonic() + 10
         while trainer_groups(tree) and time.monotonic() < deadline:
             time.sleep(0.1)
