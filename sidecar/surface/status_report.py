@@ -106,7 +106,7 @@ def build_status_report(
         recoveries=[asdict(recovery) for recovery in ledger.recoveries],
         quarantined=list(ledger.quarantined),
         incidents_dir=str(incidents_dir),
-        incidents=[_bundle_summary(folder) for folder in reversed(list_bundles(incidents_dir))],
+        incidents=[bundle_summary(folder) for folder in reversed(list_bundles(incidents_dir))],
         interruptions=[asdict(interruption) for interruption in ledger.interruptions],
     )
 
@@ -181,6 +181,23 @@ def _phase(
     stall_after: float,
     abandoned: str | None = None,
 ) -> tuple[str, str]:
+    phase, detail = run_phase(ledger, paths, abandoned)
+    if phase is not None:
+        return phase, detail
+    if log_age is None:
+        return "not_started", f"no trainer log at {paths.train_log} yet"
+    if log_age <= stall_after:
+        return "training", f"last output {format_duration(log_age)} ago"
+    return "quiet", (
+        f"no output for {format_duration(log_age)} (a stall after {format_duration(stall_after)})"
+    )
+
+
+def run_phase(
+    ledger: Ledger, paths: RunPaths, abandoned: str | None = None
+) -> tuple[str | None, str]:
+    """The run's phase when its ledger (or the final model) settles it: completed,
+    abandoned, interrupted or gave_up; (None, "") while it is still the trainer's to tell."""
     if ledger.completed or paths.final_model_present():
         return "completed", "the final model is in the output folder"
     if ledger.abandoned:
@@ -199,13 +216,7 @@ def _phase(
         return "gave_up", (
             f"the sidecar gave up{because} after {ledger.restarts} restart(s); last: {last}"
         )
-    if log_age is None:
-        return "not_started", f"no trainer log at {paths.train_log} yet"
-    if log_age <= stall_after:
-        return "training", f"last output {format_duration(log_age)} ago"
-    return "quiet", (
-        f"no output for {format_duration(log_age)} (a stall after {format_duration(stall_after)})"
-    )
+    return None, ""
 
 
 def _interruptions_text(interruptions: list[dict[str, Any]]) -> str:
@@ -265,7 +276,7 @@ def _diagnosis_line(incident: dict[str, Any]) -> str:
     return f"\n    diagnosis {incident['diagnosis']}: {evidence}"
 
 
-def _bundle_summary(folder: Path) -> dict[str, Any]:
+def bundle_summary(folder: Path) -> dict[str, Any]:
     verdict = _read_json(folder / "verdict.json")
     diagnosis = _read_json(folder / "diagnosis.json")
     manifest = _read_json(folder / "manifest.json")
