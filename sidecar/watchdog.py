@@ -725,8 +725,14 @@ class Watchdog:
         """The loop's current view, for the HTTP surface and metrics (read from another thread)."""
         attempt, paths, ledger = self.attempt, self.paths, self.ledger
         now = self.clocks.monotonic()
+        deadline = decision.stall_deadline(attempt, self.policy) if attempt else None
         return {
             "phase": attempt.phase.value if attempt else "idle",
+            "section": attempt.section.value if attempt and attempt.section else None,
+            # How long the current silence may last before it is a stall (None: not watching).
+            "stall_allowance": deadline - attempt.last_progress_at
+            if attempt and deadline is not None
+            else None,
             "seconds_since_progress": now - attempt.last_progress_at if attempt else None,
             "last_step": attempt.last_step if attempt else None,
             "total_steps": attempt.total_steps if attempt else None,

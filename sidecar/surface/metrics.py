@@ -226,6 +226,7 @@ class SnapshotCollector(Collector):
         speed: Callable[[], Speed | None],
         mode: str,
         max_restarts: int,
+        max_lost_work: float | None = None,
         gpu: GpuTap | None = None,
         gpu_max_age: float = 30.0,
         checkpoint_age: CheckpointAge | None = None,
@@ -235,6 +236,7 @@ class SnapshotCollector(Collector):
         self._speed = speed
         self._mode = mode
         self._max_restarts = max_restarts
+        self._max_lost_work = max_lost_work
         self._gpu = gpu
         self._gpu_max_age = gpu_max_age
         self._checkpoint_age = checkpoint_age
@@ -270,6 +272,12 @@ class SnapshotCollector(Collector):
             "Total steps of the run, from the trainer's progress bar.",
             view["total_steps"],
         )
+        yield from _optional(
+            "stall_allowance_seconds",
+            "How long the current silence may last before it is a stall (the section's "
+            "learned timeout, the fixed timeout, or the start-up grace).",
+            view.get("stall_allowance"),
+        )
         speed = self._speed()
         yield from _optional(
             "steps_per_second",
@@ -297,6 +305,11 @@ class SnapshotCollector(Collector):
             "Checkpoints of this run that are quarantined (never resumed from again).",
             float(len(view["quarantined"])),
         )
+        yield from _optional(
+            "max_lost_work_seconds",
+            "The longest stretch of training a crash may lose (SIDECAR_MAX_LOST_WORK).",
+            self._max_lost_work,
+        )
         if self._checkpoint_age is not None:
             yield from _optional(
                 "last_checkpoint_age_seconds",
@@ -316,11 +329,20 @@ class SnapshotCollector(Collector):
         memory = GaugeMetricFamily(
             f"{PREFIX}_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"]
         )
+        power = GaugeMetricFamily(
+            f"{PREFIX}_gpu_power_watts",
+            "Power drawn by the GPU (NVML; absent when the board does not report it).",
+            labels=["gpu"],
+        )
         for sample in reading.samples:
             utilization.add_metric([str(sample.index)], sample.utilization_percent / 100.0)
             memory.add_metric([str(sample.index)], float(sample.memory_used_bytes))
+            if sample.power_watts is not None:
+                power.add_metric([str(sample.index)], sample.power_watts)
         yield utilization
         yield memory
+        if power.samples:
+            yield power
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

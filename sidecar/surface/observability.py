@@ -111,6 +111,7 @@ class Observability:
                 speed=lambda: self.rate.speed(time.monotonic()),
                 mode=self.settings.restart_mode,
                 max_restarts=self.settings.max_restarts,
+                max_lost_work=self.settings.max_lost_work or None,  # 0: turned off
                 gpu=self.gpu,
                 gpu_max_age=max(30.0, 5 * self.settings.poll_interval),
                 checkpoint_age=CheckpointAge(settle_seconds=self.settings.checkpoint_settle),

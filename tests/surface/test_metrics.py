@@ -203,6 +203,27 @@ def test_gpu_utilisation_per_watched_gpu_as_a_ratio():
     assert value(registry, "training_sidecar_gpu_utilization_ratio", gpu="0") is None
 
 
+def test_power_per_gpu_only_where_the_board_reports_it():
+    silent = GpuSample(1, 50, 1 << 30, 80 << 30, power_watts=None)
+    tap = GpuTap(FakeGpu(GpuReading(samples=(sample(0, 97), silent))))
+    tap.sample()
+    registry = collector_registry(gpu=tap)
+    assert value(registry, "training_sidecar_gpu_power_watts", gpu="0") == 250.0
+    assert value(registry, "training_sidecar_gpu_power_watts", gpu="1") is None
+
+
+def test_the_stall_allowance_and_the_lost_work_bound_are_exported_while_known():
+    registry = collector_registry(
+        snapshot=lambda: snapshot(stall_allowance=61.0), max_lost_work=1800.0
+    )
+    assert value(registry, "training_sidecar_stall_allowance_seconds") == 61.0
+    assert value(registry, "training_sidecar_max_lost_work_seconds") == 1800.0
+    registry = collector_registry(snapshot=lambda: snapshot(stall_allowance=None))
+    exposition = generate_latest(registry).decode()
+    assert "stall_allowance_seconds" not in exposition  # not watching: no series, not 0
+    assert "max_lost_work_seconds" not in exposition  # SIDECAR_MAX_LOST_WORK=0: turned off
+
+
 def test_no_nvml_means_no_gpu_series():
     tap = GpuTap(FakeGpu(None))
     assert tap.sample() is None
@@ -323,14 +344,18 @@ def _quiet_structlog():
     structlog.reset_defaults()
 
 
-def test_the_rate_follows_the_loop_and_restarts_with_each_attempt():
-    """on_poll feeds the step rate and the poll histogram; a new attempt starts a new rate."""
+def test_the_rate_follows_the_loop_and_restarts_with_each_attempt(tmp_path: Path):
+    """on_poll feeds the step rate, the poll histogram and the page's history; a new attempt
+    starts a new rate."""
+    from types import SimpleNamespace
+
     from sidecar.config import Settings
     from sidecar.surface.observability import Observability
 
     class FakeWatchdog:
         def __init__(self) -> None:
             self.view = snapshot(last_step=10, last_poll_seconds=0.003)
+            self.paths = SimpleNamespace(state_dir=tmp_path)
 
         def snapshot(self) -> dict[str, Any]:
             return self.view
