@@ -266,8 +266,13 @@ class Settings(BaseSettings):
         9477,
         ge=0,
         le=65535,
-        description="Port of /healthz, /readyz and /metrics on 0.0.0.0; 0 disables the endpoint "
-        "(the healthcheck then reads the heartbeat file).",
+        description="Port of the status page (/), /status.json, /healthz, /readyz and /metrics "
+        "on 0.0.0.0; 0 disables the endpoint (the healthcheck then reads the heartbeat file).",
+    )
+    http_token: str | None = Field(
+        None,
+        description="When set, /, /status.json and /metrics need it: as a bearer token or as "
+        "the password of HTTP basic auth (any user). Set it before publishing the port.",
     )
     webhook_url: str | None = Field(
         None,

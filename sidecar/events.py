@@ -93,6 +93,9 @@ NOTIFICATION_FAILED: Final = "notification_failed"
 NOTIFICATION_DROPPED: Final = "notification_dropped"
 NOTIFICATIONS_ABANDONED: Final = "notifications_abandoned"
 METRICS_SCRAPE_FAILED: Final = "metrics_scrape_failed"
+HISTORY_NOT_SAVED: Final = "history_not_saved"
+HISTORY_UNREADABLE: Final = "history_unreadable"
+PAGE_FAILED: Final = "page_failed"
 
 # The names the README lists as the contract to alert on.
 CONTRACT: Final = (

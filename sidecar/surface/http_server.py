@@ -1,4 +1,5 @@
-"""The sidecar's HTTP surface: /healthz, /readyz and /metrics for probes and Prometheus.
+"""The sidecar's HTTP surface: the status page at /, /status.json, /healthz and /readyz for
+probes, and /metrics for Prometheus.
 
 A small threaded ``http.server``: scrapes and probes are rare and cheap, and the standard
 library keeps the image free of a web framework. Each request runs on its own daemon
@@ -9,15 +10,25 @@ as prometheus_client's own exporters do.
 Liveness and the ``training-sidecar healthcheck`` command share one rule
 (:class:`sidecar.surface.health.Heartbeat`): the loop touches its heartbeat file on every
 poll, and also while it waits out a backoff, so a stale file means the loop itself is stuck.
+
+With a token (``SIDECAR_HTTP_TOKEN``) everything but the probes asks for it: as a bearer
+token, or as the password of HTTP basic auth (any user name), so that a browser's own
+login prompt works. The page and its two assets are the only files served: fixed names
+from the package, never a path from the request, so there is nothing to list or traverse.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
+import json
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -25,6 +36,24 @@ from prometheus_client.exposition import choose_encoder
 
 from sidecar import events
 from sidecar.surface.health import Health
+from sidecar.surface.page.model import StatusPage
+from sidecar.surface.page.render import render_live, render_page
+
+# The page's own files, read once from the package: (content type, bytes).
+_ASSETS = {
+    f"/assets/{name}": kind
+    for name, kind in (
+        ("page.js", "text/javascript; charset=utf-8"),
+        ("page.css", "text/css; charset=utf-8"),
+    )
+}
+_OPEN_PATHS = ("/healthz", "/readyz")  # probes never need the token
+# No inline script or style, nothing from elsewhere: a trainer's text that slipped through
+# escaping still could not run.
+_PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def probe(port: int, path: str = "/healthz", timeout: float = 5.0) -> Health:
@@ -52,12 +81,20 @@ class SurfaceServer(ThreadingHTTPServer):
         health: Callable[[], Health],
         ready: Callable[[], bool],
         log: structlog.typing.FilteringBoundLogger,
+        page: StatusPage | None = None,
+        token: str | None = None,
     ):
         super().__init__(address, _Handler)
         self.registry = registry
         self.health = health
         self.ready = ready
         self.log = log
+        self.page = page
+        self.token = token
+        self.assets = {
+            path: (kind, resources.files("sidecar.surface.page").joinpath(path[1:]).read_bytes())
+            for path, kind in _ASSETS.items()
+        }
         self._thread: threading.Thread | None = None
 
     @property
@@ -84,10 +121,14 @@ def start_http_surface(
     ready: Callable[[], bool],
     log: structlog.typing.FilteringBoundLogger,
     host: str = "0.0.0.0",
+    page: StatusPage | None = None,
+    token: str | None = None,
 ) -> SurfaceServer:
     """Serve on ``host:port`` (port 0: any free port, for tests); raises OSError when the
     port is taken. Returns the running server; call ``stop()`` on it."""
-    server = SurfaceServer((host, port), registry=registry, health=health, ready=ready, log=log)
+    server = SurfaceServer(
+        (host, port), registry=registry, health=health, ready=ready, log=log, page=page, token=token
+    )
     server.start()
     return server
 
@@ -103,7 +144,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(send_body=False)
 
     def _answer(self, *, send_body: bool) -> None:
-        path = self.path.split("?", 1)[0]
+        url = urlsplit(self.path)
+        path = url.path
+        if path not in _OPEN_PATHS and not self._authorised():
+            self._reply(
+                401,
+                b"the sidecar's HTTP token is needed (SIDECAR_HTTP_TOKEN): as a bearer token, "
+                b"or as the password of basic auth\n",
+                send_body=send_body,
+                extra={"WWW-Authenticate": 'Basic realm="training-sidecar", charset="UTF-8"'},
+            )
+            return
         if path == "/healthz":
             health = self.server.health()
             self._reply(200 if health.ok else 503, _text(health), send_body=send_body)
@@ -113,10 +164,60 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200 if ready else 503, body.encode(), send_body=send_body)
         elif path == "/metrics":
             self._metrics(send_body=send_body)
+        elif path in ("/", "/status.json") and self.server.page is not None:
+            self._page(path, parse_qs(url.query), send_body=send_body)
+        elif path in self.server.assets:
+            kind, content = self.server.assets[path]
+            self._reply(200, content, content_type=kind, send_body=send_body, cache=True)
         elif path == "/":
             self._reply(200, b"training-sidecar: /healthz /readyz /metrics\n", send_body=send_body)
         else:
-            self._reply(404, b"not found: /healthz, /readyz or /metrics\n", send_body=send_body)
+            self._reply(
+                404,
+                b"not found: /, /status.json, /healthz, /readyz or /metrics\n",
+                send_body=send_body,
+            )
+
+    def _authorised(self) -> bool:
+        token = self.server.token
+        if not token:
+            return True
+        offered = self.headers.get("Authorization", "")
+        scheme, _, value = offered.partition(" ")
+        if scheme.lower() == "bearer":
+            return hmac.compare_digest(value.strip().encode(), token.encode())
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return hmac.compare_digest(decoded.partition(":")[2].encode(), token.encode())
+        return False
+
+    def _page(self, path: str, query: dict[str, list[str]], *, send_body: bool) -> None:
+        assert self.server.page is not None
+        try:
+            model = self.server.page.model()
+            if path == "/status.json":
+                text = json.dumps(model.to_json_dict(), indent=1, default=str) + "\n"
+                kind = "application/json"
+            elif query.get("fragment") == ["live"]:
+                text, kind = render_live(model), "text/html; charset=utf-8"
+            else:
+                text, kind = render_page(model), "text/html; charset=utf-8"
+        except Exception as error:  # a page that cannot be drawn must not take the port down
+            self.server.log.error(events.PAGE_FAILED, path=path, error=repr(error))
+            self._reply(500, f"the page failed: {error!r}\n".encode(), send_body=send_body)
+            return
+        # A lone surrogate (a byte that was not UTF-8, kept as it was) becomes "?".
+        body = text.encode("utf-8", "replace")
+        self._reply(
+            200,
+            body,
+            content_type=kind,
+            send_body=send_body,
+            extra={"X-Rendered-At": f"{model.rendered_at:.0f}"},
+        )
 
     def _metrics(self, *, send_body: bool) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
@@ -135,11 +236,18 @@ class _Handler(BaseHTTPRequestHandler):
         *,
         send_body: bool,
         content_type: str = "text/plain; charset=utf-8",
+        cache: bool = False,
+        extra: dict[str, str] | None = None,
     ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        self.send_header("Cache-Control", "max-age=300" if cache else "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", _PAGE_POLICY)
+        self.send_header("Referrer-Policy", "no-referrer")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if send_body:
             self.wfile.write(body)

@@ -22,6 +22,7 @@ from sidecar.config import Settings
 from sidecar.observe.gpu import GpuMonitor
 from sidecar.observe.python_stacks import find_py_spy
 from sidecar.surface.health import Heartbeat
+from sidecar.surface.history import History, HistoryMarks, Sample
 from sidecar.surface.http_server import SurfaceServer, start_http_surface
 from sidecar.surface.incidents import IncidentRecorder, IncidentSources
 from sidecar.surface.live_line import ProgressLine, wanted
@@ -33,8 +34,10 @@ from sidecar.surface.metrics import (
     SnapshotCollector,
 )
 from sidecar.surface.notifications import WebhookNotifier, WebhookTarget
+from sidecar.surface.page.model import PageSources, StatusPage
 from sidecar.surface.step_rate import StepRate
 from sidecar.watchdog import Watchdog
+from sidecar.wiring import recovery_rules_of
 
 
 class Observability:
@@ -53,6 +56,7 @@ class Observability:
         self.counters = EventCounters(self.registry)
         self.poll_timer = PollTimer(self.registry)
         self.rate = StepRate()
+        self.history = History()
         self.watchdog: Watchdog | None = None
         self.server: SurfaceServer | None = None
         self.gpu: GpuTap | None = None
@@ -78,7 +82,7 @@ class Observability:
 
     def observers(self) -> list[structlog.typing.Processor]:
         """Processors for ``configure_logging``: they watch every event, in this order."""
-        watching: list[structlog.typing.Processor] = [self.counters]
+        watching: list[structlog.typing.Processor] = [self.counters, HistoryMarks(self.history)]
         if self.notifier is not None:
             watching.append(self.notifier)
         if self.progress is not None:
@@ -126,17 +130,32 @@ class Observability:
                 kill_grace=self.settings.kill_grace,
                 log=log,
             )
+            page = StatusPage(
+                PageSources(
+                    snapshot=watchdog.snapshot,
+                    paths=lambda: watchdog.paths,
+                    speed=lambda: self.rate.speed(time.monotonic()),
+                    history=self.history.view,
+                    mode=self.settings.restart_mode,
+                    rules=recovery_rules_of(self.settings),
+                    checkpoint_settle=self.settings.checkpoint_settle,
+                )
+            )
             self.server = start_http_surface(
                 port=self.settings.http_port,
                 registry=self.registry,
                 health=heartbeat.health,
                 ready=lambda: watchdog.ready,
                 log=log,
+                page=page,
+                token=self.settings.http_token,
             )
             log.info(
                 events.HTTP_LISTENING,
                 port=self.server.port,
-                endpoints=["/healthz", "/readyz", "/metrics"],
+                endpoints=["/", "/status.json", "/healthz", "/readyz", "/metrics"],
+                page=f"http://localhost:{self.server.port}/",
+                token_required=bool(self.settings.http_token),
             )
 
     def on_poll(self) -> None:
@@ -151,10 +170,33 @@ class Observability:
         else:
             self.rate.observe(now, view["last_step"], view["total_steps"])
         self.poll_timer.observe(view["last_poll_seconds"])
+        self._keep_history(watchdog, view)
         if self.progress is not None:
             self.progress.update(view["phase"], self.rate.speed(now))
 
+    def _keep_history(self, watchdog: Watchdog, view: dict[str, Any]) -> None:
+        """One sample for the page's chart (dropped when too close to the last one)."""
+        if watchdog.paths is None:
+            return
+        self.history.follow(watchdog.paths.state_dir)
+        reading = self.gpu.last(max_age=60.0) if self.gpu is not None else None
+        samples = reading.samples if reading is not None else ()
+        powers = [s.power_watts for s in samples if s.power_watts is not None]
+        self.history.append(
+            Sample(
+                at=time.time(),
+                step=view["last_step"],
+                total=view["total_steps"],
+                gpu_percent=sum(s.utilization_percent for s in samples) / len(samples)
+                if samples
+                else None,
+                power_watts=sum(powers) if powers else None,
+            )
+        )
+        self.history.flush()
+
     def close(self) -> None:
+        self.history.flush(force=True)
         if self.progress is not None:
             self.progress.clear()
         if self.server is not None:

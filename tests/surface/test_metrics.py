@@ -369,6 +369,7 @@ def test_the_rate_follows_the_loop_and_restarts_with_each_attempt(tmp_path: Path
     speed = observability.rate.speed(time.monotonic())
     assert speed is not None and speed.step == 12 and speed.steps_per_second
     assert value(observability.registry, "training_sidecar_poll_duration_seconds_count") == 2
+    assert [sample.step for sample in observability.history.view()[0]] == [10]  # 2 s apart
     watchdog.view = snapshot(phase="starting", last_step=None)  # relaunched, no step yet
     observability.on_poll()
     assert observability.rate.speed(time.monotonic()) is None

@@ -1,0 +1,1 @@
+"""The live status page at ``/``: its model (what it shows), its chart, its HTML, its assets."""
