@@ -269,6 +269,11 @@ class Settings(BaseSettings):
         description="Port of the status page (/), /status.json, /healthz, /readyz and /metrics "
         "on 0.0.0.0; 0 disables the endpoint (the healthcheck then reads the heartbeat file).",
     )
+    page_url: str | None = Field(
+        None,
+        description="The status page's address as people reach it (e.g. http://gpu-box:9477/), "
+        "given in the restart notification; unset: the notification names the port.",
+    )
     http_token: str | None = Field(
         None,
         description="When set, /, /status.json and /metrics need it: as a bearer token or as "

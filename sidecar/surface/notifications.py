@@ -91,9 +91,11 @@ class WebhookNotifier:
         timeout: float = 10.0,
         wait: tenacity.wait.wait_base | None = None,
         host: str | None = None,
+        page: str | None = None,
     ):
         self.target = target
         self._run_name = run_name
+        self._page = page  # where the status page is, told with each restart
         self._log = log or structlog.get_logger("sidecar")
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._attempts = attempts
@@ -130,7 +132,11 @@ class WebhookNotifier:
     def payload(self, event: dict[str, Any]) -> dict[str, Any]:
         name = str(event.get("event"))
         run = self._run_name() or _run_from(event) or "training"
-        text = f"[training-sidecar] {run} on {self._host}: {_headline(name, event)}"[:MAX_TEXT]
+        headline = _headline(name, event)
+        if name == events.TRAINER_RESTARTED and self._page:
+            # FluxGym's UI said "Training Complete" and cannot see the relaunch: the page can.
+            headline += f". Watch it on the status page: {self._page}"
+        text = f"[training-sidecar] {run} on {self._host}: {headline}"[:MAX_TEXT]
         details = {
             key: value
             for key, value in event.items()

@@ -66,6 +66,8 @@ class Observability:
                     settings.webhook_url, settings.webhook_header_map, settings.webhook_secret
                 ),
                 run_name=self._run_name,
+                page=settings.page_url
+                or (f"port {settings.http_port} of the sidecar, /" if settings.http_port else None),
             )
             if settings.webhook_url
             else None

@@ -296,3 +296,14 @@ def test_webhook_settings_are_validated_and_redacted(monkeypatch):
     monkeypatch.setenv("SIDECAR_WEBHOOK_URL", "hooks.slack.com/services/x")
     with pytest.raises(ConfigError, match=r"SIDECAR_WEBHOOK_URL .*http:// or https://"):
         load_settings()
+
+
+def test_a_restart_message_says_where_the_status_page_is():
+    """FluxGym's UI said "Training Complete"; the message points at what still shows the run."""
+    restarted = {"event": "trainer_restarted", "reason": "stall", "restarts": 1}
+    sender = WebhookNotifier(
+        WebhookTarget("http://127.0.0.1:9/"), host="gpu-box-1", page="http://gpu-box-1:9477/"
+    )
+    text = sender.payload(dict(restarted))["text"]
+    assert text.endswith("Watch it on the status page: http://gpu-box-1:9477/")
+    assert "status page" not in sender.payload({**STALL})["text"], "only with the restart"
