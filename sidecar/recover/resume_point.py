@@ -28,6 +28,7 @@ from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.trainers import LaunchScriptError
 from sidecar.trainers.base import ResumePosition
 
+EARLIER_RUN = "written by an earlier run of this name"
 SAVE_STATE_REASON = "added --save_state: without it sd-scripts writes nothing resumable"
 
 
@@ -209,7 +210,7 @@ def earlier_run_excluded(candidates: list[Candidate], started_at: float) -> list
         else dataclasses.replace(
             candidate,
             complete=False,
-            problems=(*candidate.problems, "written by an earlier run of this name"),
+            problems=(*candidate.problems, EARLIER_RUN),
         )
         for candidate in candidates
     ]

@@ -365,3 +365,47 @@ def test_ten_browsers_cost_one_build(run_paths: RunPaths) -> None:
     for _ in range(10):
         page.model()
     assert len(builds) == 1
+
+
+def test_the_state_folders_are_scanned_at_most_every_30_s_however_often_the_page_is_built(
+    run_paths: RunPaths,
+) -> None:
+    clock = [1000.0]
+    page = StatusPage(sources(run_paths), max_age=0, monotonic=lambda: clock[0])
+    before = {row.name for row in page.model().checkpoints}
+    write_state_folder(run_paths.output_dir / "my-lora-step00000200-state", step=200)
+    clock[0] += 29
+    assert {row.name for row in page.model().checkpoints} == before, "the scan is kept"
+    clock[0] += 1
+    assert "my-lora-step00000200-state" in {row.name for row in page.model().checkpoints}
+
+
+def test_a_thousand_states_show_the_newest_and_the_one_train_sh_resumes(fluxgym) -> None:
+    out = fluxgym.output_dir
+    for step in range(1, 41):
+        write_state_folder(
+            out / f"my-lora-step{step:08d}-state", step=step, mtime=NOW - 9000 + step
+        )
+    rewrite_train_script(
+        fluxgym.train_script,
+        resume_from=str(out / "my-lora-step00000001-state"),
+        ensure_save_state=True,
+    )
+    paths = resolve_run_paths(Settings(train_script=fluxgym.train_script))
+    model = build_model(sources(paths), time.time())
+    names = [row.name for row in model.checkpoints]
+    assert names[0] == "my-lora-step00000040-state" and len(names) == 31
+    assert names[-1] == "my-lora-step00000001-state" and model.checkpoints[-1].resumed
+    assert model.checkpoints_total == 40
+    assert "9 older state folders not shown" in render_live(model)
+
+
+def test_an_earlier_run_s_states_are_told_apart(run_paths: RunPaths) -> None:
+    ledger = LedgerStore(run_paths.state_dir).load()
+    ledger.run_started_at = NOW - 700  # after step 100 was saved, before step 110
+    LedgerStore(run_paths.state_dir).save(ledger)
+    verdicts = {
+        row.name: row.verdict for row in build_model(sources(run_paths), time.time()).checkpoints
+    }
+    assert verdicts["my-lora-step00000100-state"] == "earlier run"
+    assert verdicts["my-lora-step00000110-state"] == "complete"

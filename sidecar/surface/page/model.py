@@ -21,6 +21,7 @@ from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.scan import Candidate
 from sidecar.decide.recovery_rules import RecoveryRules
 from sidecar.observe.log_follower import tail_text
+from sidecar.recover.resume_point import EARLIER_RUN, earlier_run_excluded
 from sidecar.run.abandon import AbandonMarker
 from sidecar.run.ledger import Ledger, LedgerError, LedgerStore
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
@@ -35,6 +36,7 @@ _INCIDENTS_SHOWN = 5
 _LOG_TAIL_BYTES = 8 * 1024
 _STACK_BYTES = 12 * 1024
 _DIFF_LINES = 200
+_CHECKPOINTS_SHOWN = 30  # the newest; the one train.sh points at is always among them
 _SCRIPT_BYTES = 256 * 1024
 
 
@@ -44,7 +46,8 @@ class CheckpointRow:
     kind: str
     step: int | None
     epoch: int | None
-    verdict: str  # complete | still written | mixed | quarantined | incomplete | unreadable
+    # complete | still written | mixed | quarantined | incomplete | unreadable | earlier run
+    verdict: str
     why: str  # the problems, or "" when complete
     completed_at: float | None
     resumed: bool  # the one train.sh's --resume points at
@@ -85,6 +88,8 @@ class PageModel:
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     interruptions: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[CheckpointRow] = field(default_factory=list)
+    checkpoints_total: int = 0
+    checkpoints_scanned_at: float | None = None  # wall clock of the scan the table shows
     script_diff: str | None = None  # None: train.sh is as the user wrote it
     incidents: list[IncidentView] = field(default_factory=list)
     incidents_total: int = 0
@@ -110,35 +115,59 @@ class PageSources:
     checkpoint_settle: float
 
 
+# The run's state folders and when they were scanned (wall clock).
+Scan = Callable[[RunPaths, float], tuple[list[Candidate], float]]
+
+
 class StatusPage:
-    """Builds the model at most once every ``max_age`` seconds, however many browsers ask:
-    a page left open in ten tabs costs what one costs."""
+    """Builds the model at most once every ``max_age`` seconds, however many browsers ask
+    (a page left open in ten tabs costs what one costs), and scans the state folders at most
+    every ``scan_max_age`` seconds: on a folder of a thousand states the scan is most of a
+    page's cost, and a checkpoint's verdict changes at the pace of saves, not of refreshes."""
 
     def __init__(
         self,
         sources: PageSources,
         *,
         max_age: float = 2.0,
+        scan_max_age: float = 30.0,
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ):
         self._sources = sources
         self._max_age = max_age
+        self._scan_max_age = scan_max_age
         self._wall = wall
         self._monotonic = monotonic
         self._memo = FileReportMemo()  # a state file already checked is not read again
         self._lock = threading.Lock()
         self._cached: tuple[float, PageModel] | None = None
+        self._scanned: tuple[float, Path, list[Candidate], float] | None = None
 
     def model(self) -> PageModel:
         with self._lock:
             now = self._monotonic()
             if self._cached is None or now - self._cached[0] >= self._max_age:
-                self._cached = (now, build_model(self._sources, self._wall(), self._memo))
+                self._cached = (now, build_model(self._sources, self._wall(), self._scan))
             return self._cached[1]
 
+    def _scan(self, paths: RunPaths, wall: float) -> tuple[list[Candidate], float]:
+        now = self._monotonic()
+        scanned = self._scanned
+        if (
+            scanned is None
+            or scanned[1] != paths.output_dir
+            or now - scanned[0] >= self._scan_max_age
+        ):
+            found = run_candidates(
+                paths, now=wall, settle=self._sources.checkpoint_settle, memo=self._memo
+            )
+            scanned = self._scanned = (now, paths.output_dir, found, wall)
+        return scanned[2], scanned[3]
 
-def build_model(sources: PageSources, now: float, memo: FileReportMemo | None = None) -> PageModel:
+
+def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> PageModel:
+    """The page at wall-clock ``now``; ``scan`` lists the state folders (by default afresh)."""
     view = sources.snapshot()
     paths = sources.paths()
     samples, marks = sources.history()
@@ -153,7 +182,16 @@ def build_model(sources: PageSources, now: float, memo: FileReportMemo | None = 
     phase, detail = _phase(view, ledger, paths)
     speed = sources.speed()
     resumes_from = _resume_pointer(paths, problems)
-    candidates = run_candidates(paths, now=now, settle=sources.checkpoint_settle, memo=memo)
+    if scan is None:
+        candidates, scanned_at = (
+            run_candidates(paths, now=now, settle=sources.checkpoint_settle),
+            now,
+        )
+    else:
+        candidates, scanned_at = scan(paths, now)
+    if ledger.run_started_at is not None:
+        candidates = earlier_run_excluded(candidates, ledger.run_started_at)
+    rows = [_row(c, ledger.quarantined, resumes_from) for c in candidates]
     bundles = list_bundles(paths.state_dir / INCIDENTS_FOLDER)
     resumed_interruptions = sum(1 for i in ledger.interruptions if i.resumed_at is not None)
     return PageModel(
@@ -177,7 +215,9 @@ def build_model(sources: PageSources, now: float, memo: FileReportMemo | None = 
         backoff_seconds=sources.rules.backoff_delay(ledger.consecutive_failures),
         recoveries=[asdict(recovery) for recovery in ledger.recoveries],
         interruptions=[asdict(interruption) for interruption in ledger.interruptions],
-        checkpoints=[_row(c, ledger.quarantined, resumes_from) for c in candidates],
+        checkpoints=_shown(rows),
+        checkpoints_total=len(rows),
+        checkpoints_scanned_at=scanned_at,
         script_diff=_script_diff(paths.train_script, problems),
         incidents=[_incident(folder) for folder in reversed(bundles[-_INCIDENTS_SHOWN:])],
         incidents_total=len(bundles),
@@ -234,9 +274,18 @@ def _row(candidate: Candidate, quarantined: list[str], resumes_from: str | None)
     )
 
 
+def _shown(rows: list[CheckpointRow]) -> list[CheckpointRow]:
+    """The newest rows, and the one train.sh points at however old it is."""
+    shown = rows[:_CHECKPOINTS_SHOWN]
+    shown += [row for row in rows[_CHECKPOINTS_SHOWN:] if row.resumed]
+    return shown
+
+
 def checkpoint_verdict(candidate: Candidate, quarantined: list[str]) -> str:
     if str(candidate.path) in quarantined:
         return "quarantined"
+    if EARLIER_RUN in candidate.problems:
+        return "earlier run"
     if candidate.mixed:
         return "mixed"
     if candidate.unreadable_only:

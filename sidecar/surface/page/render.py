@@ -62,7 +62,7 @@ def render_live(model: PageModel) -> str:
             _summary(model),
             _chart(model),
             _budget(model),
-            _checkpoints(model.checkpoints),
+            _checkpoints(model),
             _diff(model.script_diff),
             _incidents(model.incidents, model.incidents_total),
         )
@@ -172,15 +172,19 @@ def _budget(model: PageModel) -> str:
     )
 
 
-def _checkpoints(rows: list[CheckpointRow]) -> str:
+def _checkpoints(model: PageModel) -> str:
+    rows = model.checkpoints
     if not rows:
         body = '<p id="checkpoints">No state folder yet.</p>'
         return f"<section><h2>Checkpoints</h2>{body}</section>"
     lines = "".join(_checkpoint_row(row) for row in rows)
+    more = model.checkpoints_total - len(rows)
+    scanned = _when(model.checkpoints_scanned_at) if model.checkpoints_scanned_at else "now"
+    note = f"As of {scanned}" + (f"; {more} older state folders not shown." if more else ".")
     return (
         '<section><h2>Checkpoints</h2><table id="checkpoints"><thead><tr><th>State folder</th>'
         "<th>Step</th><th>Epoch</th><th>Verdict</th><th>Completed</th><th>Why</th></tr></thead>"
-        f"<tbody>{lines}</tbody></table></section>"
+        f'<tbody>{lines}</tbody></table><p class="detail">{_text(note)}</p></section>'
     )
 
 
