@@ -192,12 +192,20 @@ def _set_for(duration: str) -> Callable[[dict[str, Any]], None]:
             "TrainingSidecarNoRecentCheckpoint",
             _replace('and ignoring (phase) training_sidecar_phase{phase="running"} == 1', ""),
         ),
-        # A process-mode sidecar that exits with its completed run is not down.
+        # A process-mode sidecar that exits with its completed run is not down...
         (
             "TrainingSidecarDown",
             _replace(
-                "unless on (job, instance)\n"
-                '  last_over_time(training_sidecar_phase{phase="completed"}[1d]) == 1',
+                '  last_over_time(training_sidecar_phase{phase="completed"}[1d]) == 1\n  or\n',
+                "",
+            ),
+        ),
+        # ... nor one that exits after its last step, before a scrape saw it completed.
+        (
+            "TrainingSidecarDown",
+            _replace(
+                "  or\n  last_over_time(training_sidecar_last_step[1d])\n"
+                "    >= last_over_time(training_sidecar_max_steps[1d])\n",
                 "",
             ),
         ),
@@ -217,6 +225,7 @@ def _set_for(duration: str) -> Callable[[dict[str, Any]], None]:
         "budget-run-over",
         "checkpoint-while-stalled",
         "down-after-completing",
+        "down-after-the-last-step",
         "down-any-job",
     ],
 )
