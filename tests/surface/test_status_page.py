@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -367,17 +369,51 @@ def test_ten_browsers_cost_one_build(run_paths: RunPaths) -> None:
     assert len(builds) == 1
 
 
-def test_the_state_folders_are_scanned_at_most_every_30_s_however_often_the_page_is_built(
+def test_the_state_folders_are_scanned_again_only_when_the_last_scan_is_stale(
     run_paths: RunPaths,
 ) -> None:
     clock = [1000.0]
     page = StatusPage(sources(run_paths), max_age=0, monotonic=lambda: clock[0])
-    before = {row.name for row in page.model().checkpoints}
-    write_state_folder(run_paths.output_dir / "my-lora-step00000200-state", step=200)
+    out = run_paths.output_dir
+    shutil.rmtree(out / "my-lora-step00000124-state")  # one still written is rescanned anyway
+
+    def verdicts() -> dict[str, str]:
+        return {row.name: row.verdict for row in page.model().checkpoints}
+
+    assert verdicts()["my-lora-step00000100-state"] == "complete"
+    # Rewritten in place (the folder's name reused after a resume): nothing in the output
+    # folder itself changed, so the scan is kept up to 30 s.
+    (out / "my-lora-step00000100-state" / "scheduler.bin").unlink()
+    os.utime(out, ns=(1, out.stat().st_mtime_ns))  # the unlink touched a subfolder only
     clock[0] += 29
-    assert {row.name for row in page.model().checkpoints} == before, "the scan is kept"
+    assert verdicts()["my-lora-step00000100-state"] == "complete"
     clock[0] += 1
-    assert "my-lora-step00000200-state" in {row.name for row in page.model().checkpoints}
+    assert verdicts()["my-lora-step00000100-state"] == "incomplete"
+    # A new folder changes the output folder: seen at once.
+    write_state_folder(out / "my-lora-step00000200-state", step=200, mtime=NOW - 100)
+    assert verdicts()["my-lora-step00000200-state"] == "complete"
+    # train.sh pointed elsewhere (a recovery): at once, with the row it points at.
+    rewrite_train_script(
+        run_paths.train_script,
+        resume_from=str(out / "my-lora-step00000200-state"),
+        ensure_save_state=True,
+    )
+    rows = page.model().checkpoints
+    assert [row.name for row in rows if row.resumed] == ["my-lora-step00000200-state"]
+
+
+def test_a_state_still_being_written_is_looked_at_again_once_it_can_have_settled(
+    run_paths: RunPaths,
+) -> None:
+    clock = [1000.0]
+    page = StatusPage(sources(run_paths), max_age=0, monotonic=lambda: clock[0])
+    name = "my-lora-step00000124-state"
+    assert {r.name: r.verdict for r in page.model().checkpoints}[name] == "still written"
+    os.utime(run_paths.output_dir / name, (NOW - 60, NOW - 60))
+    for file in (run_paths.output_dir / name).iterdir():
+        os.utime(file, (NOW - 60, NOW - 60))
+    clock[0] += 10  # SIDECAR_CHECKPOINT_SETTLE's default
+    assert {r.name: r.verdict for r in page.model().checkpoints}[name] == "complete"
 
 
 def test_a_thousand_states_show_the_newest_and_the_one_train_sh_resumes(fluxgym) -> None:

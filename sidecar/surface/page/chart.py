@@ -77,6 +77,10 @@ def render_chart(samples: Sequence[Sample], marks: Sequence[Mark], now: float) -
             f'<rect x="{at - 4:.1f}" y="{_TOP - 8}" width="8" height="8" fill="{colour}"/></g>'
         )
     parts.append(
+        f'<text x="{_LEFT + 4}" y="{_TOP + 14}" font-size="12" fill="#111827">'
+        f"{scale} steps</text>"
+        f'<text x="{_RIGHT - 4}" y="{_TOP + 14}" font-size="12" fill="#059669" '
+        'text-anchor="end">GPU 100 %</text>'
         f'<text x="{_LEFT}" y="{HEIGHT - 6}" font-size="12" fill="#4b5563">'
         f"{escape(_when(start))}</text>"
         f'<text x="{_RIGHT}" y="{HEIGHT - 6}" font-size="12" fill="#4b5563" '

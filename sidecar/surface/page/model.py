@@ -115,15 +115,20 @@ class PageSources:
     checkpoint_settle: float
 
 
-# The run's state folders and when they were scanned (wall clock).
-Scan = Callable[[RunPaths, float], tuple[list[Candidate], float]]
+# The run's state folders and when they were scanned (wall clock), given the run's paths,
+# the wall clock and what would make an earlier scan stale (see StatusPage._scan).
+Scan = Callable[[RunPaths, float, tuple[Any, ...]], tuple[list[Candidate], float]]
 
 
 class StatusPage:
     """Builds the model at most once every ``max_age`` seconds, however many browsers ask
-    (a page left open in ten tabs costs what one costs), and scans the state folders at most
-    every ``scan_max_age`` seconds: on a folder of a thousand states the scan is most of a
-    page's cost, and a checkpoint's verdict changes at the pace of saves, not of refreshes."""
+    (a page left open in ten tabs costs what one costs).
+
+    The state folders are scanned again only when something says the last scan is stale: a
+    folder appeared or went (the output folder's own mtime), train.sh points elsewhere, the
+    ledger recorded a recovery or a quarantine, a folder that was still being written has
+    had time to settle, and in any case after ``scan_max_age`` seconds (a folder rewritten
+    in place). On a folder of a thousand states the scan is most of a page's cost."""
 
     def __init__(
         self,
@@ -142,7 +147,8 @@ class StatusPage:
         self._memo = FileReportMemo()  # a state file already checked is not read again
         self._lock = threading.Lock()
         self._cached: tuple[float, PageModel] | None = None
-        self._scanned: tuple[float, Path, list[Candidate], float] | None = None
+        # (monotonic time, staleness key, candidates, wall time) of the last scan
+        self._scanned: tuple[float, tuple[Any, ...], list[Candidate], float] | None = None
 
     def model(self) -> PageModel:
         with self._lock:
@@ -151,19 +157,33 @@ class StatusPage:
                 self._cached = (now, build_model(self._sources, self._wall(), self._scan))
             return self._cached[1]
 
-    def _scan(self, paths: RunPaths, wall: float) -> tuple[list[Candidate], float]:
+    def _scan(
+        self, paths: RunPaths, wall: float, key: tuple[Any, ...]
+    ) -> tuple[list[Candidate], float]:
         now = self._monotonic()
+        settle = self._sources.checkpoint_settle
+        key = (*key, paths.output_dir, _mtime_ns(paths.output_dir))
         scanned = self._scanned
         if (
             scanned is None
-            or scanned[1] != paths.output_dir
+            or scanned[1] != key
             or now - scanned[0] >= self._scan_max_age
+            or (now - scanned[0] >= settle and any(_settling(c) for c in scanned[2]))
         ):
-            found = run_candidates(
-                paths, now=wall, settle=self._sources.checkpoint_settle, memo=self._memo
-            )
-            scanned = self._scanned = (now, paths.output_dir, found, wall)
+            found = run_candidates(paths, now=wall, settle=settle, memo=self._memo)
+            scanned = self._scanned = (now, key, found, wall)
         return scanned[2], scanned[3]
+
+
+def _mtime_ns(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _settling(candidate: Candidate) -> bool:
+    return any(problem.startswith("still being written") for problem in candidate.problems)
 
 
 def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> PageModel:
@@ -188,7 +208,8 @@ def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> P
             now,
         )
     else:
-        candidates, scanned_at = scan(paths, now)
+        stale_when = (resumes_from, len(ledger.recoveries), tuple(ledger.quarantined))
+        candidates, scanned_at = scan(paths, now, stale_when)
     if ledger.run_started_at is not None:
         candidates = earlier_run_excluded(candidates, ledger.run_started_at)
     rows = [_row(c, ledger.quarantined, resumes_from) for c in candidates]
@@ -292,7 +313,7 @@ def checkpoint_verdict(candidate: Candidate, quarantined: list[str]) -> str:
         return "unreadable"
     if candidate.complete:
         return "complete"
-    if any(problem.startswith("still being written") for problem in candidate.problems):
+    if _settling(candidate):
         return "still written"
     return "incomplete"
 

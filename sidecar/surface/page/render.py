@@ -32,7 +32,7 @@ def render_page(model: PageModel) -> str:
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_text(title)}</title>"
-        '<link rel="stylesheet" href="/assets/page.css">'
+        '<link rel="stylesheet" href="/assets/page.css"><link rel="icon" href="data:,">'
         f'<noscript><meta http-equiv="refresh" content="{_NOSCRIPT_REFRESH_SECONDS}"></noscript>'
         '<script src="/assets/page.js" defer></script>'
         "</head><body>"
@@ -175,8 +175,10 @@ def _budget(model: PageModel) -> str:
 def _checkpoints(model: PageModel) -> str:
     rows = model.checkpoints
     if not rows:
-        body = '<p id="checkpoints">No state folder yet.</p>'
-        return f"<section><h2>Checkpoints</h2>{body}</section>"
+        return (
+            '<section><h2>Checkpoints</h2><table id="checkpoints"><tbody><tr><td>No state '
+            "folder yet.</td></tr></tbody></table></section>"
+        )
     lines = "".join(_checkpoint_row(row) for row in rows)
     more = model.checkpoints_total - len(rows)
     scanned = _when(model.checkpoints_scanned_at) if model.checkpoints_scanned_at else "now"
