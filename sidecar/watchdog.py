@@ -734,6 +734,11 @@ class Watchdog:
             if attempt and deadline is not None
             else None,
             "seconds_since_progress": now - attempt.last_progress_at if attempt else None,
+            # Wall clock, as process_start_time_seconds: a crash now loses at most this much
+            # when the run has no checkpoint yet.
+            "attempt_started_at": self.clocks.wall() - (now - attempt.launched_at)
+            if attempt
+            else None,
             "last_step": attempt.last_step if attempt else None,
             "total_steps": attempt.total_steps if attempt else None,
             "gpu_utilization": attempt.last_gpu_utilization if attempt else None,

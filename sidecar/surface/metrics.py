@@ -278,6 +278,11 @@ class SnapshotCollector(Collector):
             "learned timeout, the fixed timeout, or the start-up grace).",
             view.get("stall_allowance"),
         )
+        yield from _optional(
+            "attempt_start_time_seconds",
+            "When the trainer's current attempt was launched (Unix time).",
+            view.get("attempt_started_at"),
+        )
         speed = self._speed()
         yield from _optional(
             "steps_per_second",

@@ -214,9 +214,11 @@ def test_power_per_gpu_only_where_the_board_reports_it():
 
 def test_the_stall_allowance_and_the_lost_work_bound_are_exported_while_known():
     registry = collector_registry(
-        snapshot=lambda: snapshot(stall_allowance=61.0), max_lost_work=1800.0
+        snapshot=lambda: snapshot(stall_allowance=61.0, attempt_started_at=1.8e9),
+        max_lost_work=1800.0,
     )
     assert value(registry, "training_sidecar_stall_allowance_seconds") == 61.0
+    assert value(registry, "training_sidecar_attempt_start_time_seconds") == 1.8e9
     assert value(registry, "training_sidecar_max_lost_work_seconds") == 1800.0
     registry = collector_registry(snapshot=lambda: snapshot(stall_allowance=None))
     exposition = generate_latest(registry).decode()
@@ -356,6 +358,7 @@ def test_the_rate_follows_the_loop_and_restarts_with_each_attempt(tmp_path: Path
         def __init__(self) -> None:
             self.view = snapshot(last_step=10, last_poll_seconds=0.003)
             self.paths = SimpleNamespace(state_dir=tmp_path)
+            self.ledger = SimpleNamespace(run_started_at=1_800_000_000.0)
 
         def snapshot(self) -> dict[str, Any]:
             return self.view
