@@ -11,17 +11,23 @@ the spacing doubles, so a three-day run keeps its whole shape at a coarser grain
 minutes between points with the defaults) instead of only its last hours. Marks are few
 and kept at full detail, the newest ``max_marks`` of them.
 
-Kept in the run's state folder (``history.json``), written atomically at most every
-``flush_every`` seconds and when the sidecar stops, and read back when a sidecar (this one
-after a restart, or a new one) watches the run again. It is a view, not progress: a file
-that cannot be read is set aside as ``history.json.unreadable`` (never deleted) and the
-chart starts again.
+Kept in the run's state folder (``history.json``), written at most every ``flush_every``
+seconds and when the sidecar stops, and read back when a sidecar (this one after a restart,
+or a new one) watches the run again. The file names the run it belongs to (the ledger's run
+start): a new run of the same name starts a new chart, and the previous run's is kept as
+``history.previous.json``. It is a view, not progress: it is replaced atomically (a
+temporary file renamed over it) but not fsynced, so a write never makes the loop wait on a
+disk busy with checkpoints; a file that cannot be read, or holds values no sidecar writes,
+is set aside as ``history.json.unreadable-<time>`` (never deleted) and the chart starts
+again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,12 +38,14 @@ from typing import Any
 import structlog
 
 from sidecar import events
-from sidecar.atomic_files import replace_atomically
 
 HISTORY_FILE = "history.json"
+PREVIOUS_RUN_FILE = "history.previous.json"
 _FORMAT = 1
 # What a mark's text may carry of an event (reasons can quote a whole log line).
 _MARK_TEXT_CHARS = 300
+_LATEST_PLAUSIBLE_TIME = 1e11  # wall-clock seconds, the year 5138: beyond it a file is bad
+_MOST_SPACING = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class History:
         self._samples: list[Sample] = []
         self._marks: list[Mark] = []
         self._path: Path | None = None
+        self._run: str | None = None
         self._dirty = False
         self._flushed_at = float("-inf")
 
@@ -101,20 +110,22 @@ class History:
     def path(self) -> Path | None:
         return self._path
 
-    def follow(self, state_dir: Path) -> None:
-        """Keep the history of the run whose state folder is ``state_dir``: the current one
-        is written out first, and the run's own file (if any) is read back."""
+    def follow(self, state_dir: Path, run: str | None = None) -> None:
+        """Keep the history of the run whose state folder is ``state_dir`` and which began
+        as ``run`` says (the ledger's run start): the current one is written out first, and
+        the run's own file (if any) is read back. A file of another run of the same name is
+        kept as the previous run's, and the chart starts empty."""
         path = state_dir / HISTORY_FILE
-        if path == self._path:
+        if path == self._path and run == self._run:
             return
         self.flush(force=True)
-        samples, marks, spacing = self._read(path)
+        samples, marks, spacing = self._read(path, run)
         with self._lock:
             if self._path is None:  # what happened before the run was known (its restart)
                 marks = (marks + self._marks)[-self._max_marks :]
-            self._path = path
+            self._path, self._run = path, run
             self._samples, self._marks, self._spacing = samples, marks, spacing
-            self._dirty = False
+            self._dirty = bool(samples or marks)
             self._flushed_at = self._clock()
 
     # -- what the loop and the event stream add ----------------------------------------------
@@ -123,12 +134,14 @@ class History:
         with self._lock:
             if self._path is None:
                 return
-            if self._samples and sample.at - self._samples[-1].at < self._spacing:
+            # A sample before the last one (the wall clock stepped back) is kept: the chart
+            # goes on, instead of waiting for the clock to catch up.
+            if self._samples and 0 <= sample.at - self._samples[-1].at < self._spacing:
                 return
             self._samples.append(sample)
             if len(self._samples) > self._max_samples:
                 # Every other sample goes (the newest stays): the same span, half the detail.
-                self._samples = self._samples[len(self._samples) % 2 :: 2]
+                self._samples = self._samples[(len(self._samples) - 1) % 2 :: 2]
                 self._spacing *= 2
             self._dirty = True
 
@@ -156,66 +169,116 @@ class History:
                 return
             if not force and now - self._flushed_at < self._flush_every:
                 return
-            path, content = self._path, self._serialise()
+            path, run, spacing = self._path, self._run, self._spacing
+            samples, marks = list(self._samples), list(self._marks)
             self._dirty = False
             self._flushed_at = now
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            replace_atomically(path, content)
+            _replace(path, _serialise(run, spacing, samples, marks))
         except OSError as error:
             self._log.warning(events.HISTORY_NOT_SAVED, path=str(path), error=str(error))
 
-    def _serialise(self) -> str:
-        return json.dumps(
-            {
-                "format": _FORMAT,
-                "spacing": self._spacing,
-                "samples": [
-                    [s.at, s.step, s.total, s.gpu_percent, s.power_watts] for s in self._samples
-                ],
-                "marks": [[m.at, m.kind, m.text] for m in self._marks],
-            },
-            separators=(",", ":"),
-        )
-
-    def _read(self, path: Path) -> tuple[list[Sample], list[Mark], float]:
+    def _read(self, path: Path, run: str | None) -> tuple[list[Sample], list[Mark], float]:
+        empty: tuple[list[Sample], list[Mark], float] = ([], [], self._base_spacing)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return [], [], self._base_spacing
+            return empty
         except OSError as error:
             self._log.warning(events.HISTORY_UNREADABLE, path=str(path), error=str(error))
-            return [], [], self._base_spacing
+            return empty
         try:
-            return _parse(text, self._base_spacing, self._max_samples, self._max_marks)
+            written_for, parsed = _parse(text, self._base_spacing, self._max_samples)
         except (ValueError, TypeError, KeyError, IndexError) as error:
-            aside = path.with_name(path.name + ".unreadable")
-            try:
-                os.replace(path, aside)
-            except OSError:
-                aside = path
+            aside = self._set_aside(path, f"{HISTORY_FILE}.unreadable-{self._stamp()}")
             self._log.warning(
                 events.HISTORY_UNREADABLE,
                 path=str(path),
                 kept_as=str(aside),
                 error=f"{type(error).__name__}: {error}",
             )
-            return [], [], self._base_spacing
+            return empty
+        if run is not None and written_for is not None and written_for != run:
+            self._set_aside(path, PREVIOUS_RUN_FILE)  # an earlier run of this name
+            return empty
+        samples, marks, spacing = parsed
+        return samples, marks[-self._max_marks :], spacing
+
+    @staticmethod
+    def _set_aside(path: Path, name: str) -> Path:
+        aside = path.with_name(name)
+        try:
+            os.replace(path, aside)
+        except OSError:
+            return path
+        return aside
+
+    def _stamp(self) -> str:
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+
+
+def _serialise(run: str | None, spacing: float, samples: list[Sample], marks: list[Mark]) -> str:
+    """Compact JSON; times to 0.1 s and readings to 0.1 (what the chart can show)."""
+    return json.dumps(
+        {
+            "format": _FORMAT,
+            "run": run,
+            "spacing": spacing,
+            "samples": [
+                [round(s.at, 1), s.step, s.total, _round(s.gpu_percent), _round(s.power_watts)]
+                for s in samples
+            ],
+            "marks": [[round(m.at, 1), m.kind, m.text] for m in marks],
+        },
+        separators=(",", ":"),
+    )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _replace(path: Path, content: str) -> None:
+    """A temporary file in the same folder, renamed over ``path``: a reader sees the old
+    file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed explicitly below
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    )
+    try:
+        with handle:
+            handle.write(content)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
 
 
 def _parse(
-    text: str, base_spacing: float, max_samples: int, max_marks: int
-) -> tuple[list[Sample], list[Mark], float]:
+    text: str, base_spacing: float, max_samples: int
+) -> tuple[str | None, tuple[list[Sample], list[Mark], float]]:
+    """The run the file was written for, and its samples, marks and spacing; ValueError (or
+    TypeError, KeyError, IndexError) for anything this module would not have written."""
     data = json.loads(text)
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise ValueError(f"expected a history of format {_FORMAT}")
     samples = [
-        Sample(float(at), _int(step), _int(total), _float(gpu), _float(power))
+        Sample(_time(at), _int(step), _int(total), _float(gpu), _float(power))
         for at, step, total, gpu, power in data["samples"]
     ][-max_samples:]
-    marks = [Mark(float(at), str(kind), str(text)) for at, kind, text in data["marks"]]
-    spacing = max(float(data.get("spacing", base_spacing)), base_spacing)
-    return samples, marks[-max_marks:], spacing
+    marks = [Mark(_time(at), str(kind), str(text)) for at, kind, text in data["marks"]]
+    spacing = _float(data.get("spacing")) or base_spacing
+    if not base_spacing <= spacing <= _MOST_SPACING:
+        raise ValueError(f"spacing {spacing} is outside {base_spacing}..{_MOST_SPACING} s")
+    run = data.get("run")
+    return (None if run is None else str(run)), (samples, marks, spacing)
+
+
+def _time(value: Any) -> float:
+    at = float(value)
+    if not 0 < at < _LATEST_PLAUSIBLE_TIME:
+        raise ValueError(f"time {value!r} is not a plausible wall-clock time")
+    return at
 
 
 def _int(value: Any) -> int | None:
@@ -223,7 +286,12 @@ def _int(value: Any) -> int | None:
 
 
 def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 class HistoryMarks:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -67,7 +68,11 @@ class Observability:
                 ),
                 run_name=self._run_name,
                 page=settings.page_url
-                or (f"port {settings.http_port} of the sidecar, /" if settings.http_port else None),
+                or (
+                    f"port {settings.http_port} of the sidecar (set SIDECAR_PAGE_URL for a link)"
+                    if settings.http_port
+                    else None
+                ),
             )
             if settings.webhook_url
             else None
@@ -151,6 +156,7 @@ class Observability:
                 log=log,
                 page=page,
                 token=self.settings.http_token,
+                page_hosts=_hosts_of(self.settings.page_url),
             )
             log.info(
                 events.HTTP_LISTENING,
@@ -177,10 +183,12 @@ class Observability:
             self.progress.update(view["phase"], self.rate.speed(now))
 
     def _keep_history(self, watchdog: Watchdog, view: dict[str, Any]) -> None:
-        """One sample for the page's chart (dropped when too close to the last one)."""
-        if watchdog.paths is None:
+        """One sample for the page's chart (dropped when too close to the last one); none
+        without the HTTP port, where no page can show it."""
+        if watchdog.paths is None or not self.settings.http_port:
             return
-        self.history.follow(watchdog.paths.state_dir)
+        started = watchdog.ledger.run_started_at
+        self.history.follow(watchdog.paths.state_dir, None if started is None else f"{started}")
         reading = self.gpu.last(max_age=60.0) if self.gpu is not None else None
         samples = reading.samples if reading is not None else ()
         powers = [s.power_watts for s in samples if s.power_watts is not None]
@@ -225,3 +233,9 @@ class Observability:
             ranks=paths.launch_ranks(),
             flight_recorder=paths.flight_recorder,
         )
+
+
+def _hosts_of(url: str | None) -> tuple[str, ...]:
+    """The host people reach the page by, when SIDECAR_PAGE_URL names one."""
+    host = urlsplit(url).hostname if url else None
+    return (host,) if host else ()

@@ -7,11 +7,18 @@ import itertools
 import json
 from pathlib import Path
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
 from sidecar import events
-from sidecar.surface.history import HISTORY_FILE, History, HistoryMarks, Sample
+from sidecar.surface.history import (
+    HISTORY_FILE,
+    PREVIOUS_RUN_FILE,
+    History,
+    HistoryMarks,
+    Sample,
+)
 
 
 class Clock:
@@ -32,9 +39,10 @@ def test_three_days_of_polls_stay_bounded_and_keep_the_whole_span(tmp_path: Path
     history.follow(tmp_path)
     start = clock.now
     for poll in range(3 * 24 * 3600 // 2):  # a poll every 2 s for three days
-        clock.now = start + 2 * poll
-        history.append(sample(clock.now, step=poll))
-    history.mark("restart", "x" * 300)
+        clock.now = start + 2 * poll + 0.123456789  # time.time()'s digits
+        history.append(sample(clock.now, step=poll, gpu=97.333333333))
+        if poll % 600 == 0:
+            history.mark("restart", "x" * 300)  # longer texts are cut to 300 characters
     history.flush(force=True)
 
     samples, _ = history.view()
@@ -43,8 +51,9 @@ def test_three_days_of_polls_stay_bounded_and_keep_the_whole_span(tmp_path: Path
     assert clock.now - samples[-1].at < 600, "and its end"
     gaps = {round(b.at - a.at) for a, b in itertools.pairwise(samples)}
     assert max(gaps) <= 2 * min(gaps), f"evenly thinned, not a hole: {sorted(gaps)[:5]}"
+    assert len(history.view()[1]) == 200, "the newest 200 marks"
     size = (tmp_path / HISTORY_FILE).stat().st_size
-    assert size < 100_000, f"the file stays small: {size} bytes"
+    assert size < 150_000, f"the file stays small: {size} bytes"
 
 
 def test_samples_closer_than_the_spacing_are_dropped(tmp_path: Path) -> None:
@@ -86,14 +95,71 @@ def test_it_is_written_at_most_every_flush_interval_and_atomically(tmp_path: Pat
 
 
 def test_an_unreadable_file_is_set_aside_not_deleted(tmp_path: Path) -> None:
-    (tmp_path / HISTORY_FILE).write_text('{"format": 1, "samples": [[1, 2]]')
+    clock = Clock()
+    for bad in ('{"format": 1, "samples": [[1, 2]]', '{"format": 1, "samples": []}'):
+        (tmp_path / HISTORY_FILE).write_text(bad)
+        history = History(clock=clock)
+        with capture_logs() as logs:
+            history.follow(tmp_path)
+        assert history.view() == ([], [])
+        assert logs[0]["event"] == events.HISTORY_UNREADABLE
+        assert Path(logs[0]["kept_as"]).read_text() == bad
+        clock.now += 1
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == [
+        "history.json.unreadable-20270115T080000Z",
+        "history.json.unreadable-20270115T080001Z",
+    ], "a second bad file does not replace the first"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"spacing": float("nan")},
+        {"spacing": 1e9},
+        {"samples": [[1e300, 1, 2, 3, 4]]},
+        {"samples": [[1_800_000_000, 1, 2, float("inf"), 4]]},
+        {"marks": [[-5, "stall", "x"]]},
+    ],
+)
+def test_values_no_sidecar_writes_are_refused_not_drawn(tmp_path: Path, values: dict) -> None:
+    good = {"format": 1, "run": None, "spacing": 2.0, "samples": [], "marks": []}
+    (tmp_path / HISTORY_FILE).write_text(json.dumps({**good, **values}))
     history = History(clock=Clock())
-    with capture_logs() as logs:
-        history.follow(tmp_path)
+    history.follow(tmp_path)
     assert history.view() == ([], [])
-    assert (tmp_path / f"{HISTORY_FILE}.unreadable").read_text().startswith('{"format": 1')
-    assert logs[0]["event"] == events.HISTORY_UNREADABLE
-    assert logs[0]["kept_as"].endswith(".unreadable")
+    assert not (tmp_path / HISTORY_FILE).exists(), "set aside"
+
+
+def test_a_new_run_of_the_same_name_starts_a_new_chart(tmp_path: Path) -> None:
+    clock = Clock()
+    history = History(clock=clock)
+    history.follow(tmp_path, run="1800000000.0")
+    history.append(sample(clock.now, step=400))
+    history.mark("completed", "training completed")
+    history.follow(tmp_path, run="1800009999.0")  # FluxGym's Start again, same LoRA name
+    assert history.view() == ([], [])
+    previous = json.loads((tmp_path / PREVIOUS_RUN_FILE).read_text())
+    assert previous["run"] == "1800000000.0" and previous["marks"][0][1] == "completed"
+    # A sidecar started later reads the new run's file, not the old one's.
+    history.append(sample(clock.now + 10, step=1))
+    history.flush(force=True)
+    again = History(clock=clock)
+    again.follow(tmp_path, run="1800009999.0")
+    assert [s.step for s in again.view()[0]] == [1]
+
+
+def test_the_newest_sample_survives_thinning_and_a_clock_step_back_is_kept(
+    tmp_path: Path,
+) -> None:
+    for size in (4, 5):
+        history = History(max_samples=size, spacing=1.0, clock=Clock())
+        history.follow(tmp_path / str(size))
+        for at in range(size + 1):
+            history.append(sample(1_800_000_000.0 + at, step=at))
+        assert history.view()[0][-1].step == size, size
+    history.append(sample(1_700_000_000.0, step=99))  # NTP stepped the clock back
+    assert history.view()[0][-1].step == 99
 
 
 def test_following_another_run_writes_the_first_and_starts_the_second(tmp_path: Path) -> None:
