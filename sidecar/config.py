@@ -272,7 +272,8 @@ class Settings(BaseSettings):
     page_url: str | None = Field(
         None,
         description="The status page's address as people reach it (e.g. http://gpu-box:9477/), "
-        "given in the restart notification; unset: the notification names the port.",
+        "given in the restart notification, and a host the page answers to without a token; "
+        "unset: the notification names the port.",
     )
     http_token: str | None = Field(
         None,

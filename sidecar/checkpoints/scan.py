@@ -307,11 +307,14 @@ def _mtime_of_other_file(entry: os.DirEntry[str]) -> float | None:
         return None
 
 
+STILL_WRITTEN = "still being written"  # how a folder that has not settled yet is told
+
+
 def _still_written(age: float) -> str:
     if age < 0:
         # A clock step or a network filesystem's skew; wait until it is in the past.
-        return f"still being written (last change {-age:.1f} s in the future)"
-    return f"still being written (last change {age:.1f} s ago)"
+        return f"{STILL_WRITTEN} (last change {-age:.1f} s in the future)"
+    return f"{STILL_WRITTEN} (last change {age:.1f} s ago)"
 
 
 def _exists(folder: Path) -> bool:

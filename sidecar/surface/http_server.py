@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import threading
 import urllib.error
@@ -48,6 +49,8 @@ _ASSETS = {
     )
 }
 _OPEN_PATHS = ("/healthz", "/readyz")  # probes never need the token
+# What a browser reads; Prometheus scrapes /metrics by service name (sidecar:9477).
+_PAGE_PATHS = ("/", "/status.json", *_ASSETS)
 # No inline script or style, nothing from elsewhere: a trainer's text that slipped through
 # escaping still could not run.
 _PAGE_POLICY = (
@@ -83,8 +86,10 @@ class SurfaceServer(ThreadingHTTPServer):
         log: structlog.typing.FilteringBoundLogger,
         page: StatusPage | None = None,
         token: str | None = None,
+        page_hosts: tuple[str, ...] = (),
     ):
         super().__init__(address, _Handler)
+        self.page_hosts = tuple(host.lower() for host in page_hosts)
         self.registry = registry
         self.health = health
         self.ready = ready
@@ -123,11 +128,19 @@ def start_http_surface(
     host: str = "0.0.0.0",
     page: StatusPage | None = None,
     token: str | None = None,
+    page_hosts: tuple[str, ...] = (),
 ) -> SurfaceServer:
     """Serve on ``host:port`` (port 0: any free port, for tests); raises OSError when the
     port is taken. Returns the running server; call ``stop()`` on it."""
     server = SurfaceServer(
-        (host, port), registry=registry, health=health, ready=ready, log=log, page=page, token=token
+        (host, port),
+        registry=registry,
+        health=health,
+        ready=ready,
+        log=log,
+        page=page,
+        token=token,
+        page_hosts=page_hosts,
     )
     server.start()
     return server
@@ -136,6 +149,8 @@ def start_http_surface(
 class _Handler(BaseHTTPRequestHandler):
     server: SurfaceServer
     server_version = "training-sidecar"
+    # A client that connects and says nothing (or trickles) is dropped, not kept forever.
+    timeout = 30
 
     def do_GET(self) -> None:
         self._answer(send_body=True)
@@ -153,6 +168,15 @@ class _Handler(BaseHTTPRequestHandler):
                 b"or as the password of basic auth\n",
                 send_body=send_body,
                 extra={"WWW-Authenticate": 'Basic realm="training-sidecar", charset="UTF-8"'},
+            )
+            return
+        if path in _PAGE_PATHS and not self._host_allowed():
+            self._reply(
+                403,
+                b"this address is not one the status page answers without a token: open it as "
+                b"http://localhost:PORT/ (a tunnel or a port published on 127.0.0.1), or set "
+                b"SIDECAR_HTTP_TOKEN (or SIDECAR_PAGE_URL to name this host)\n",
+                send_body=send_body,
             )
             return
         if path == "/healthz":
@@ -177,6 +201,23 @@ class _Handler(BaseHTTPRequestHandler):
                 b"not found: /, /status.json, /healthz, /readyz or /metrics\n",
                 send_body=send_body,
             )
+
+    def _host_allowed(self) -> bool:
+        """Without a token, the page answers only to names no other site can point a browser
+        at: localhost, an IP address, or SIDECAR_PAGE_URL's host. Otherwise a web page the
+        user visits could rebind its own name to 127.0.0.1 and read the page (DNS
+        rebinding), log tails and stacks included."""
+        if self.server.token:
+            return True  # a rebinding page cannot know the token
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = urlsplit(f"//{host}").hostname or ""
+        if name in ("localhost", *self.server.page_hosts) or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
 
     def _authorised(self) -> bool:
         token = self.server.token

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from sidecar.wiring import recovery_rules_of
 
 NOW = time.time()
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+# Breaks out of a double-quoted attribute when quotes are not escaped.
+IN_ATTRIBUTE = 'x" onmouseover="alert(1)" data-x="'
 
 
 def snapshot(**changes: Any) -> dict[str, Any]:
@@ -143,12 +146,14 @@ class Page(HTMLParser):
         self.ids: dict[str, str] = {}
         self.scripts: list[dict[str, str | None]] = []
         self.handlers: list[str] = []
+        self.attributes: list[dict[str, str | None]] = []
         self.text: list[str] = []
         self._open: list[tuple[str, str | None]] = []  # (tag, id) of the elements we are in
         self.feed(html)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         named = dict(attrs)
+        self.attributes.append(named)
         if tag == "script":
             self.scripts.append(named)
         self.handlers += [name for name, _ in attrs if name.startswith("on")]
@@ -159,6 +164,7 @@ class Page(HTMLParser):
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.handlers += [name for name, _ in attrs if name.startswith("on")]
+        self.attributes.append(dict(attrs))
 
     def handle_endtag(self, tag: str) -> None:
         while self._open:
@@ -186,8 +192,13 @@ def test_hostile_names_logs_and_paths_are_shown_as_text(tmp_path: Path) -> None:
             # FluxGym makes names slugs, a hand-written train.sh need not.
             "run": 'evil"><script>alert(1)</script>',
             "train_script": f"/outputs/{HOSTILE}/train.sh",
-            "marks": [Mark(NOW, "stall", HOSTILE)],
+            "phase": IN_ATTRIBUTE,  # lands in a class attribute
+            "marks": [Mark(NOW, IN_ATTRIBUTE, HOSTILE)],  # the kind: data-kind
             "problems": [HOSTILE],
+            "checkpoints": [  # the name: data-checkpoint
+                row.__class__(**{**row.__dict__, "name": IN_ATTRIBUTE, "why": HOSTILE})
+                for row in model.checkpoints
+            ],
             "incidents": [
                 incident.__class__(
                     **{
@@ -195,6 +206,7 @@ def test_hostile_names_logs_and_paths_are_shown_as_text(tmp_path: Path) -> None:
                         "log_tail": f"{HOSTILE}\n{long_line}",
                         "stacks": HOSTILE,
                         "reason": HOSTILE,
+                        "name": IN_ATTRIBUTE,  # data-key
                     }
                 )
                 for incident in model.incidents
@@ -208,6 +220,13 @@ def test_hostile_names_logs_and_paths_are_shown_as_text(tmp_path: Path) -> None:
     assert "<script>alert" not in html and "<img src=x" not in html
     assert HOSTILE in "".join(parsed.text), "shown, as text"
     assert parsed.ids["run-name"] == 'evil"><script>alert(1)</script>'
+    assert not any("data-x" in element for element in parsed.attributes), "no attribute broke out"
+    assert {e["data-checkpoint"] for e in parsed.attributes if "data-checkpoint" in e} == {
+        IN_ATTRIBUTE
+    }
+    assert [e["data-kind"] for e in parsed.attributes if e.get("class") == "marker"] == [
+        IN_ATTRIBUTE
+    ]
     assert len(html) < 200_000, "a 100 000-character line is cut"
     assert "more characters)" in html
 
@@ -266,7 +285,9 @@ class StaticPage(StatusPage):
 
 
 class serving:
-    def __init__(self, page: StatusPage | None, token: str | None = None):
+    def __init__(
+        self, page: StatusPage | None, token: str | None = None, page_hosts: tuple[str, ...] = ()
+    ):
         self.server = start_http_surface(
             port=0,
             host="127.0.0.1",
@@ -276,6 +297,7 @@ class serving:
             log=structlog.get_logger(),
             page=page,
             token=token,
+            page_hosts=page_hosts,
         )
 
     def __enter__(self) -> SurfaceServer:
@@ -354,19 +376,45 @@ def test_a_page_that_fails_to_build_answers_500_and_the_probes_go_on(run_paths: 
         assert get(server, "/healthz")[0] == 200
 
 
-def test_ten_browsers_cost_one_build(run_paths: RunPaths) -> None:
+def test_ten_browsers_at_once_cost_one_build(run_paths: RunPaths) -> None:
     builds = []
 
     def counted() -> dict[str, Any]:
         builds.append(1)
+        time.sleep(0.2)  # a slow build: the others arrive while it runs
         return snapshot()
 
     page = StatusPage(
         PageSources(**{**sources(run_paths).__dict__, "snapshot": counted}), max_age=60
     )
-    for _ in range(10):
-        page.model()
+    with serving(page) as server, ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: get(server, "/")[0], range(10)))
+    assert answers == [200] * 10
     assert len(builds) == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("localhost:9477", 200),
+        ("127.0.0.1:9477", 200),
+        ("[::1]:9477", 200),
+        ("10.0.0.7:9477", 200),
+        ("gpu-box:9477", 200),  # SIDECAR_PAGE_URL's host
+        ("attacker.example:9477", 403),  # a rebound name
+        ("", 403),
+    ],
+)
+def test_without_a_token_the_page_answers_only_to_names_no_other_site_controls(
+    run_paths: RunPaths, host: str, status: int
+) -> None:
+    page = StatusPage(sources(run_paths))
+    with serving(page, page_hosts=("gpu-box",)) as server:
+        assert get(server, "/status.json", {"Host": host})[0] == status
+        assert get(server, "/metrics", {"Host": host})[0] == 200, "scrapes by service name"
+    with serving(page, token="t0k") as server:
+        bearer = {"Host": host, "Authorization": "Bearer t0k"}
+        assert get(server, "/status.json", bearer)[0] == 200, "a token is proof enough"
 
 
 def test_the_state_folders_are_scanned_again_only_when_the_last_scan_is_stale(
@@ -445,3 +493,32 @@ def test_an_earlier_run_s_states_are_told_apart(run_paths: RunPaths) -> None:
     }
     assert verdicts["my-lora-step00000100-state"] == "earlier run"
     assert verdicts["my-lora-step00000110-state"] == "complete"
+
+
+@pytest.mark.parametrize(
+    ("mode", "checkpoint", "says", "never"),
+    [
+        ("exec", "/o/a-state", "Training Complete", "from the start"),
+        ("exec", None, "from the start (no complete checkpoint was left)", "newest complete"),
+        ("pod", "/o/a-state", "from its newest complete checkpoint", "FluxGym"),
+    ],
+)
+def test_the_relaunch_notice_tells_how_the_run_went_on(
+    run_paths: RunPaths, mode: str, checkpoint: str | None, says: str, never: str
+) -> None:
+    model = build_model(sources(run_paths), time.time())
+    recovery = {**model.recoveries[0], "checkpoint": checkpoint}
+    told = Page(
+        render_live(PageModel(**{**model.__dict__, "mode": mode, "recoveries": [recovery]}))
+    )
+    assert says in told.ids["relaunch-notice"] and never not in told.ids["relaunch-notice"]
+
+
+def test_the_chart_stops_its_lines_where_the_sidecar_was_away() -> None:
+    from sidecar.surface.page.chart import render_chart
+
+    every_2_s = [Sample(NOW + 2 * i, i, 100, 90.0, None) for i in range(10)]
+    after_an_hour = [Sample(NOW + 3600 + 2 * i, 10 + i, 100, 90.0, None) for i in range(10)]
+    svg = render_chart(every_2_s + after_an_hour, [], NOW + 3700)
+    assert svg.count('class="progress"') == 2
+    assert render_chart(every_2_s, [], NOW + 30).count('class="progress"') == 1

@@ -13,6 +13,7 @@ Only numbers and the escaped mark texts go into the markup; presentation attribu
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
@@ -56,22 +57,25 @@ def render_chart(samples: Sequence[Sample], marks: Sequence[Mark], now: float) -
         'fill="none" stroke="#d1d5db"/>',
     ]
     scale = max([s.total or 0 for s in samples] + [s.step or 0 for s in samples] + [1])
-    progress = [(x(s.at), y((s.step or 0) / scale)) for s in samples if s.step is not None]
-    parts.append(_polyline("progress", progress, stroke="#111827", width=2.5))
-    gpu = [(x(s.at), y(s.gpu_percent / 100)) for s in samples if s.gpu_percent is not None]
-    parts.append(_polyline("gpu", gpu, stroke="#059669", width=1.2))
     top_power = max([s.power_watts or 0.0 for s in samples] + [0.0])
-    if top_power > 0:
-        power = [
-            (x(s.at), y(s.power_watts / top_power)) for s in samples if s.power_watts is not None
-        ]
-        parts.append(_polyline("power", power, stroke="#9333ea", width=1.2, dashed=True))
+    for segment in _segments(samples):
+        progress = [(x(s.at), y((s.step or 0) / scale)) for s in segment if s.step is not None]
+        parts.append(_polyline("progress", progress, stroke="#111827", width=2.5))
+        gpu = [(x(s.at), y(s.gpu_percent / 100)) for s in segment if s.gpu_percent is not None]
+        parts.append(_polyline("gpu", gpu, stroke="#059669", width=1.2))
+        if top_power > 0:
+            power = [
+                (x(s.at), y(s.power_watts / top_power))
+                for s in segment
+                if s.power_watts is not None
+            ]
+            parts.append(_polyline("power", power, stroke="#9333ea", width=1.2, dashed=True))
     for mark in marks:
         at = x(mark.at)
         colour = MARK_COLOURS.get(mark.kind, "#374151")
         parts.append(
             f'<g class="marker" data-kind="{escape(mark.kind)}">'
-            f"<title>{escape(_when(mark.at))}: {escape(mark.text)}</title>"
+            f"<title>{escape(utc_time(mark.at))}: {escape(mark.text)}</title>"
             f'<line x1="{at:.1f}" x2="{at:.1f}" y1="{_TOP}" y2="{_BOTTOM}" stroke="{colour}" '
             'stroke-width="2"/>'
             f'<rect x="{at - 4:.1f}" y="{_TOP - 8}" width="8" height="8" fill="{colour}"/></g>'
@@ -82,12 +86,27 @@ def render_chart(samples: Sequence[Sample], marks: Sequence[Mark], now: float) -
         f'<text x="{_RIGHT - 4}" y="{_TOP + 14}" font-size="12" fill="#059669" '
         'text-anchor="end">GPU 100 %</text>'
         f'<text x="{_LEFT}" y="{HEIGHT - 6}" font-size="12" fill="#4b5563">'
-        f"{escape(_when(start))}</text>"
+        f"{escape(utc_time(start))}</text>"
         f'<text x="{_RIGHT}" y="{HEIGHT - 6}" font-size="12" fill="#4b5563" '
-        f'text-anchor="end">{escape(_when(end))}</text>'
+        f'text-anchor="end">{escape(utc_time(end))}</text>'
     )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _segments(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """The samples in stretches without a hole: where the sidecar was away (a gap over five
+    times the usual spacing, and over a minute) the lines stop, rather than draw a straight
+    line across time nobody watched."""
+    gaps = sorted(b.at - a.at for a, b in itertools.pairwise(samples))
+    usual = gaps[len(gaps) // 2] if gaps else 0.0
+    hole = max(5 * usual, 60.0)
+    segments: list[list[Sample]] = []
+    for sample in samples:
+        if not segments or not 0 <= sample.at - segments[-1][-1].at <= hole:
+            segments.append([])
+        segments[-1].append(sample)
+    return segments
 
 
 def _polyline(
@@ -103,5 +122,6 @@ def _polyline(
     )
 
 
-def _when(at: float) -> str:
+def utc_time(at: float) -> str:
+    """A wall-clock time as people read it on the page."""
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

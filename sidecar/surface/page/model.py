@@ -18,7 +18,7 @@ from typing import Any
 
 from sidecar.checkpoints.choice import run_candidates
 from sidecar.checkpoints.file_memo import FileReportMemo
-from sidecar.checkpoints.scan import Candidate
+from sidecar.checkpoints.scan import STILL_WRITTEN, Candidate
 from sidecar.decide.recovery_rules import RecoveryRules
 from sidecar.observe.log_follower import tail_text
 from sidecar.recover.resume_point import EARLIER_RUN, earlier_run_excluded
@@ -183,7 +183,7 @@ def _mtime_ns(folder: Path) -> int | None:
 
 
 def _settling(candidate: Candidate) -> bool:
-    return any(problem.startswith("still being written") for problem in candidate.problems)
+    return any(problem.startswith(STILL_WRITTEN) for problem in candidate.problems)
 
 
 def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> PageModel:

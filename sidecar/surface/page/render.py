@@ -11,12 +11,11 @@ line cannot make the page megabytes wide.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
 from sidecar import __version__
-from sidecar.surface.page.chart import MARK_COLOURS, render_chart
+from sidecar.surface.page.chart import MARK_COLOURS, render_chart, utc_time
 from sidecar.surface.page.model import CheckpointRow, IncidentView, PageModel
 from sidecar.surface.step_rate import format_duration
 
@@ -43,7 +42,7 @@ def render_page(model: PageModel) -> str:
         f'data-refresh-seconds="{REFRESH_SECONDS}">'
         f"{render_live(model)}</main>"
         '<footer><p id="freshness">Updated '
-        f"{_text(_when(model.rendered_at))}; live while this page is open.</p></footer>"
+        f"{_text(utc_time(model.rendered_at))}; live while this page is open.</p></footer>"
         "</body></html>\n"
     )
 
@@ -73,14 +72,26 @@ def _relaunch_notice(model: PageModel) -> str:
     if not model.relaunches:
         return ""
     times = "once" if model.relaunches == 1 else f"{model.relaunches} times"
-    return (
-        '<aside id="relaunch-notice" class="notice">'
-        f"<p><strong>The sidecar relaunched this run {times}</strong>, outside FluxGym's UI. "
-        "FluxGym says “Training Complete” whenever the command it started ends, also when "
-        "the sidecar stopped a hung or crashed trainer; the training went on here from its "
-        "newest complete checkpoint. Watch it on this page (or with "
-        "<code>training-sidecar status</code>), not in FluxGym's log view.</p></aside>"
+    last = model.recoveries[-1] if model.recoveries else None
+    source = (
+        "from the start (no complete checkpoint was left)"
+        if last is not None and not last.get("checkpoint")
+        else "from its newest complete checkpoint"
     )
+    if model.mode == "exec":  # FluxGym's UI started the run, and lost sight of it
+        text = (
+            f"<strong>The sidecar relaunched this run {times}</strong>, outside FluxGym's UI. "
+            "FluxGym says “Training Complete” whenever the command it started ends, also when "
+            f"the sidecar stopped a hung or crashed trainer; the training went on here {source}. "
+            "Watch it on this page (or with <code>training-sidecar status</code>), not in "
+            "FluxGym's log view."
+        )
+    else:
+        text = (
+            f"<strong>The sidecar relaunched this run {times}</strong>, {source}; the "
+            "restarts and why are below."
+        )
+    return f'<aside id="relaunch-notice" class="notice"><p>{text}</p></aside>'
 
 
 def _problems(problems: list[str]) -> str:
@@ -159,7 +170,7 @@ def _budget(model: PageModel) -> str:
         else "<p>No recovery yet.</p>"
     )
     interruptions = "".join(
-        f"<li>{_text(_when(i['at']))}: {_text(i.get('how'))}"
+        f"<li>{_text(utc_time(i['at']))}: {_text(i.get('how'))}"
         f"{', resumed' if i.get('resumed_at') else ', not resumed yet'}</li>"
         for i in model.interruptions
     )
@@ -181,7 +192,7 @@ def _checkpoints(model: PageModel) -> str:
         )
     lines = "".join(_checkpoint_row(row) for row in rows)
     more = model.checkpoints_total - len(rows)
-    scanned = _when(model.checkpoints_scanned_at) if model.checkpoints_scanned_at else "now"
+    scanned = utc_time(model.checkpoints_scanned_at) if model.checkpoints_scanned_at else "now"
     note = f"As of {scanned}" + (f"; {more} older state folders not shown." if more else ".")
     return (
         '<section><h2>Checkpoints</h2><table id="checkpoints"><thead><tr><th>State folder</th>'
@@ -193,7 +204,7 @@ def _checkpoints(model: PageModel) -> str:
 def _checkpoint_row(row: CheckpointRow) -> str:
     resumed = ' class="resumed"' if row.resumed else ""
     pointer = " ← train.sh" if row.resumed else ""
-    completed = _when(row.completed_at) if row.completed_at else "—"
+    completed = utc_time(row.completed_at) if row.completed_at else "—"
     return (
         f'<tr data-checkpoint="{_text(row.name)}"{resumed}><td>{_text(row.name)}{pointer}</td>'
         f"<td>{_number(row.step)}</td><td>{_number(row.epoch)}</td>"
@@ -205,7 +216,7 @@ def _checkpoint_row(row: CheckpointRow) -> str:
 
 def _diff(diff: str | None) -> str:
     body = (
-        f'<pre id="train-script-diff" class="diff">{_block(diff)}</pre>'
+        f'<pre id="train-script-diff" class="diff" data-key="diff">{_block(diff)}</pre>'
         if diff
         else '<p id="train-script-diff">train.sh is as it was written: the sidecar has not '
         "changed it.</p>"
@@ -230,9 +241,11 @@ def _incident(incident: IncidentView) -> str:
         if incident.mitigation
         else ""
     )
+    key = _text(incident.name)  # data-key: the page's script keeps it open, and scrolled
     stacks = (
-        f'<details open><summary>Python stacks</summary><pre class="stacks">'
-        f"{_block(incident.stacks)}</pre></details>"
+        f'<details open data-key="stacks-{key}"><summary>Python stacks</summary>'
+        f'<pre class="stacks" data-key="stacks-text-{key}">{_block(incident.stacks)}</pre>'
+        "</details>"
         if incident.stacks
         else ""
     )
@@ -240,8 +253,9 @@ def _incident(incident: IncidentView) -> str:
         f'<article class="incident"><h3>{_text(incident.name)}: {_text(incident.kind)}</h3>'
         f'<p>Diagnosis: <strong class="diagnosis">{_text(incident.diagnosis or "unknown")}'
         f"</strong>. {_text(incident.reason)}</p><ul>{evidence}</ul>{mitigation}"
-        f'<details><summary>Log tail</summary><pre class="log-tail">'
-        f"{_block(incident.log_tail)}</pre></details>{stacks}</article>"
+        f'<details data-key="log-{key}"><summary>Log tail</summary>'
+        f'<pre class="log-tail" data-key="log-text-{key}">{_block(incident.log_tail)}</pre>'
+        f"</details>{stacks}</article>"
     )
 
 
@@ -266,7 +280,3 @@ def _name(path: Any) -> str | None:
 
 def _number(value: int | None) -> str:
     return "—" if value is None else str(value)
-
-
-def _when(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
