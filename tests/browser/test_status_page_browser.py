@@ -141,6 +141,14 @@ def test_an_open_page_follows_the_recovery_without_a_reload(
     # textContent: the page's CSS shows the phase word in capitals.
     assert content(page.find_element("id", "phase")) == "running"
 
+    # A log tail the reader opened stays open through the refreshes that follow.
+    page.find_element("css selector", "#incidents details[data-key^='log-'] summary").click()
+    moved_from = step_of(page)
+    wait_until(page, lambda: step_of(page) != moved_from, "a refresh after the click", artifacts)
+    opened = page.find_element("css selector", "#incidents details[data-key^='log-']")
+    assert opened.get_attribute("open") is not None, "the refresh closed the opened log tail"
+    assert page.execute_script(f"return {NO_RELOAD}"), "the page was reloaded"
+
 
 def test_the_first_html_tells_the_same_story_without_javascript(
     watched: Watched, open_browser: OpenBrowser, artifacts: Path
