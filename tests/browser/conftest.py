@@ -12,13 +12,9 @@ skip on a laptop and fail under CI, where a missing browser is a broken setup.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
-import socket
 import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from conftest import simulator_processes
 from repo_paths import REPO_ROOT
-from sidecar_process import spawn_sidecar
+from sidecar_process import RunningSidecar
 
 from sidecar.simulator.fluxgym_tree import FluxgymTree
 from sidecar.simulator.harness import sidecar_environment, stop_everything
@@ -164,18 +160,9 @@ def save_full_page(driver: WebDriver, path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class BackgroundSidecar:
-    """``python -m sidecar run`` on a simulated tree, left running while a test looks at it.
-
-    Its JSON events are read on a thread as they come (a full pipe would stall the sidecar),
-    so a test can wait for one; :meth:`stop` is what an operator's ``docker stop`` does.
-    """
+class BackgroundSidecar(RunningSidecar):
+    """``python -m sidecar run`` on a simulated tree, left running while a test looks at it;
+    :meth:`stop` is what an operator's ``docker stop`` does."""
 
     def __init__(
         self,
@@ -185,59 +172,7 @@ class BackgroundSidecar:
         simulation: dict[str, str] | None = None,
     ):
         self.tree = tree
-        self.process = spawn_sidecar(
-            sidecar_environment(tree, settings=settings, simulation=simulation)
-        )
-        self.events: list[dict[str, Any]] = []
-        self.stderr: list[str] = []
-        self._arrived = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read_events, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_events(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if not line.startswith("{"):
-                continue
-            with self._arrived:
-                self.events.append(json.loads(line))
-                self._arrived.notify_all()
-        with self._arrived:
-            self._arrived.notify_all()  # the sidecar exited: waiters need not wait on
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.stderr.append(line)
-
-    def names(self) -> list[str]:
-        with self._arrived:
-            return [event["event"] for event in self.events]
-
-    def wait_for(
-        self, name: str, *, after: dict[str, Any] | None = None, timeout: float = 30
-    ) -> dict[str, Any]:
-        """The first event called ``name`` (logged after the event ``after``, when given);
-        fails the test with what came when it does not."""
-        deadline = time.monotonic() + timeout
-        with self._arrived:
-            while True:
-                start = 0 if after is None else self.events.index(after) + 1
-                found = [event for event in self.events[start:] if event["event"] == name]
-                if found:
-                    return found[0]
-                left = deadline - time.monotonic()
-                if left <= 0 or self.process.poll() is not None:
-                    break
-                self._arrived.wait(min(left, 0.5))
-        pytest.fail(
-            f"no {name} event within {timeout} s (sidecar exit code {self.process.poll()}); "
-            f"events: {self.names()}\nstderr: {''.join(self.stderr)[-2000:]}"
-        )
+        super().__init__(sidecar_environment(tree, settings=settings, simulation=simulation))
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, as ``docker stop`` sends it; the exit code (128 + 15 when it was running).

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from sidecar_process import free_port
 
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 
 from .conftest import (
     BackgroundSidecar,
     OpenBrowser,
-    free_port,
     retried_when_swapped,
     save_full_page,
 )

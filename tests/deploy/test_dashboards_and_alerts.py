@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import urllib.error
@@ -40,6 +39,7 @@ from conftest import run_sidecar
 from nvml_stub.build import STATE_FILE_VARIABLE, CompilerMissing, build_fake_nvml
 from prometheus_client.parser import text_string_to_metric_families
 from repo_paths import REPO_ROOT
+from sidecar_process import free_port
 
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 
@@ -491,12 +491,6 @@ def problems(expressions: Iterable[str], exposition: Exposition) -> list[str]:
             if kind is not None and kind not in ("counter", "histogram"):
                 found.append(f"{name} is a {kind}: rate() and increase() need a counter")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Scraper(threading.Thread):

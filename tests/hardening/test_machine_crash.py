@@ -43,7 +43,7 @@ from typing import Any
 
 import psutil
 import pytest
-from sidecar_process import spawn_sidecar
+from sidecar_process import RunningSidecar
 
 from sidecar.simulator import read_lineage, uninterrupted_lineage
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
@@ -112,72 +112,12 @@ class TrainerCensus(threading.Thread):
         self.join(timeout=5)
 
 
-class Sidecar:
+class Sidecar(RunningSidecar):
     """One ``python -m sidecar run`` (spawn_sidecar: its own session), its events collected."""
 
     def __init__(self, tree: FluxgymTree):
         self.started_at = time.time()
-        self.process = spawn_sidecar(sidecar_environment(tree, settings=SETTINGS))
-        self.events: list[dict[str, Any]] = []
-        self.stderr: list[str] = []
-        self._arrived = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read_events, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_events(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.startswith("{"):
-                with self._arrived:
-                    self.events.append(json.loads(line))
-                    self._arrived.notify_all()
-        with self._arrived:
-            self._arrived.notify_all()
-
-    def _read_stderr(self) -> None:  # drained, so that a full pipe never blocks the sidecar
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.stderr.append(line)
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        with self._arrived:
-            return [event for event in self.events if event["event"] == name]
-
-    def only(self, name: str) -> dict[str, Any]:
-        """The one ``name`` event of this sidecar; fails with its events when not exactly one."""
-        found = self.named(name)
-        assert len(found) == 1, f"{len(found)} {name} events; {self.describe()}"
-        return found[0]
-
-    def names(self) -> list[str]:
-        with self._arrived:
-            return [event["event"] for event in self.events]
-
-    def wait_for(self, name: str, timeout: float = 30) -> dict[str, Any]:
-        """The first ``name`` event; fails when the sidecar ended or took too long."""
-        deadline = time.monotonic() + timeout
-        with self._arrived:
-            while True:
-                found = [event for event in self.events if event["event"] == name]
-                if found:
-                    return found[0]
-                exited = self.process.poll()
-                assert exited is None, f"sidecar exited {exited} before {name}: {self.names()}"
-                assert time.monotonic() < deadline, f"no {name} in {timeout} s: {self.names()}"
-                self._arrived.wait(0.1)
-
-    def finish(self, timeout: float) -> int:
-        code = self.process.wait(timeout=timeout)
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return code
-
-    def describe(self) -> str:
-        return f"events {self.names()}\nstderr tail:\n{''.join(self.stderr)[-2000:]}"
+        super().__init__(sidecar_environment(tree, settings=SETTINGS))
 
 
 def tree_processes(tree: FluxgymTree, session: int) -> list[psutil.Process]:

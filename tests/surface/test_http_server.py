@@ -15,6 +15,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
+from sidecar_process import free_port
 
 from sidecar.config import Settings
 from sidecar.surface.health import Health, Heartbeat, heartbeat_allowance
@@ -61,12 +62,6 @@ def get(server: SurfaceServer, path: str, method: str = "GET") -> tuple[int, str
             return response.status, response.headers["Content-Type"], response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.headers["Content-Type"], error.read().decode()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_healthz_reports_the_loop_heartbeat(server, switches):

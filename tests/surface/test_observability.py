@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,17 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import run_sidecar
 from prometheus_client.parser import text_string_to_metric_families
+from sidecar_process import free_port
 from webhook_receiver import receiving
 
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Scraper(threading.Thread):
