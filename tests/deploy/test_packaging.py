@@ -539,6 +539,36 @@ def test_image_prints_the_package_version(sidecar_image: str) -> None:
     assert result.stdout.strip() == f"training-sidecar {__version__}"
 
 
+# Inside the image: the HTTP surface serves the status page's script and stylesheet from the
+# installed package (package data, not a source checkout).
+_SERVE_ASSETS = """
+import urllib.request, structlog
+from prometheus_client import CollectorRegistry
+from sidecar.surface.health import Health
+from sidecar.surface.http_server import start_http_surface
+server = start_http_surface(port=0, host="127.0.0.1", registry=CollectorRegistry(),
+    health=lambda: Health(True, "ok"), ready=lambda: True, log=structlog.get_logger())
+for name in ("page.js", "page.css"):
+    url = f"http://127.0.0.1:{server.port}/assets/{name}"
+    with urllib.request.urlopen(url) as answer:
+        print(name, answer.status, answer.headers["Content-Type"], len(answer.read()))
+server.stop()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT + 60)
+def test_image_serves_the_status_page_s_own_assets(sidecar_image: str) -> None:
+    result = _docker("run", "--rm", "--entrypoint", "python", sidecar_image, "-c", _SERVE_ASSETS)
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert [line[:3] for line in lines] == [
+        ["page.js", "200", "text/javascript;"],
+        ["page.css", "200", "text/css;"],
+    ]
+    assert all(int(line[-1]) > 1000 for line in lines)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT + 60)
 def test_image_runs_as_uid_1000(sidecar_image: str, image_config: dict[str, Any]) -> None:
