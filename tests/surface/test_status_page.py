@@ -430,10 +430,10 @@ def test_the_state_folders_are_scanned_again_only_when_the_last_scan_is_stale(
 
     assert verdicts()["my-lora-step00000100-state"] == "complete"
     # Rewritten in place (the folder's name reused after a resume): nothing in the output
-    # folder itself changed, so the scan is kept up to 30 s.
+    # folder itself changed, so the scan is kept up to 60 s.
     (out / "my-lora-step00000100-state" / "scheduler.bin").unlink()
     os.utime(out, ns=(1, out.stat().st_mtime_ns))  # the unlink touched a subfolder only
-    clock[0] += 29
+    clock[0] += 59
     assert verdicts()["my-lora-step00000100-state"] == "complete"
     clock[0] += 1
     assert verdicts()["my-lora-step00000100-state"] == "incomplete"

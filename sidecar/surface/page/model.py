@@ -135,7 +135,7 @@ class StatusPage:
         sources: PageSources,
         *,
         max_age: float = 2.0,
-        scan_max_age: float = 30.0,
+        scan_max_age: float = 60.0,
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ):
