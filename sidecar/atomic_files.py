@@ -26,9 +26,14 @@ def read_text_exact(path: Path) -> str:
         return handle.read()
 
 
-def replace_atomically(path: Path, content: str, *, mode: int | None = None) -> bool:
+def replace_atomically(
+    path: Path, content: str, *, mode: int | None = None, durable: bool = True
+) -> bool:
     """Write ``content`` to ``path`` atomically; return False when it was already there.
 
+    ``durable`` False skips the fsyncs: a reader still sees the old file or the new one,
+    never half of one, but a power cut may lose the write (for views, like the page's
+    history, that must not wait on a disk busy with checkpoints).
     The permission bits of an existing file are kept (train.sh may be executable),
     unless ``mode`` is given. On any error the original file is left untouched and
     the temporary file is removed. A symlink is followed: its target gets the new content
@@ -58,7 +63,8 @@ def replace_atomically(path: Path, content: str, *, mode: int | None = None) -> 
         with handle:
             handle.write(content)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if final_mode is not None:
             os.chmod(temporary, final_mode)
         os.replace(temporary, path)
@@ -66,7 +72,8 @@ def replace_atomically(path: Path, content: str, *, mode: int | None = None) -> 
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-    _fsync_directory(path.parent)
+    if durable:
+        _fsync_directory(path.parent)
     return True
 
 

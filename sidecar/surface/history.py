@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from typing import Any
 import structlog
 
 from sidecar import events
+from sidecar.atomic_files import replace_atomically
 
 HISTORY_FILE = "history.json"
 PREVIOUS_RUN_FILE = "history.previous.json"
@@ -106,10 +106,6 @@ class History:
 
     # -- the run it belongs to ---------------------------------------------------------------
 
-    @property
-    def path(self) -> Path | None:
-        return self._path
-
     def follow(self, state_dir: Path, run: str | None = None) -> None:
         """Keep the history of the run whose state folder is ``state_dir`` and which began
         as ``run`` says (the ledger's run start): the current one is written out first, and
@@ -174,7 +170,8 @@ class History:
             self._dirty = False
             self._flushed_at = now
         try:
-            _replace(path, _serialise(run, spacing, samples, marks))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, _serialise(run, spacing, samples, marks), durable=False)
         except OSError as error:
             self._log.warning(events.HISTORY_NOT_SAVED, path=str(path), error=str(error))
 
@@ -236,22 +233,6 @@ def _serialise(run: str | None, spacing: float, samples: list[Sample], marks: li
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-
-def _replace(path: Path, content: str) -> None:
-    """A temporary file in the same folder, renamed over ``path``: a reader sees the old
-    file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed explicitly below
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
-    )
-    try:
-        with handle:
-            handle.write(content)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _parse(

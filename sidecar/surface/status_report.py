@@ -83,10 +83,7 @@ def build_status_report(
     now = time.time() if now is None else now
     ledger = LedgerStore(paths.state_dir).load()
     log_age = _age(paths.train_log, now)
-    abandoned = AbandonMarker(paths.state_dir).reason_for(ledger.run_started_at)
-    if abandoned is not None:
-        ledger.abandoned = True  # the running sidecar reads the marker at its next poll
-    phase, detail = _phase(ledger, paths, log_age, stall_after, abandoned)
+    phase, detail = _phase(ledger, paths, log_age, stall_after)
     health = heartbeat.health(now)
     incidents_dir = paths.state_dir / INCIDENTS_FOLDER
     return StatusReport(
@@ -179,9 +176,8 @@ def _phase(
     paths: RunPaths,
     log_age: float | None,
     stall_after: float,
-    abandoned: str | None = None,
 ) -> tuple[str, str]:
-    phase, detail = run_phase(ledger, paths, abandoned)
+    phase, detail = run_phase(ledger, paths)
     if phase is not None:
         return phase, detail
     if log_age is None:
@@ -193,14 +189,14 @@ def _phase(
     )
 
 
-def run_phase(
-    ledger: Ledger, paths: RunPaths, abandoned: str | None = None
-) -> tuple[str | None, str]:
+def run_phase(ledger: Ledger, paths: RunPaths) -> tuple[str | None, str]:
     """The run's phase when its ledger (or the final model) settles it: completed,
-    abandoned, interrupted or gave_up; (None, "") while it is still the trainer's to tell."""
+    abandoned, interrupted or gave_up; (None, "") while it is still the trainer's to tell.
+    The user's abandon marker counts at once (the running sidecar reads it at its next poll)."""
     if ledger.completed or paths.final_model_present():
         return "completed", "the final model is in the output folder"
-    if ledger.abandoned:
+    abandoned = AbandonMarker(paths.state_dir).reason_for(ledger.run_started_at)
+    if ledger.abandoned or abandoned is not None:
         return "abandoned", f"not resumed and not recovered any more ({abandoned or 'abandoned'})"
     interrupted = ledger.interrupted
     if interrupted is not None:

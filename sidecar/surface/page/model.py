@@ -22,7 +22,6 @@ from sidecar.checkpoints.scan import STILL_WRITTEN, Candidate
 from sidecar.decide.recovery_rules import RecoveryRules
 from sidecar.observe.log_follower import tail_text
 from sidecar.recover.resume_point import EARLIER_RUN, earlier_run_excluded
-from sidecar.run.abandon import AbandonMarker
 from sidecar.run.ledger import Ledger, LedgerError, LedgerStore
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.surface.history import Mark, Sample
@@ -188,6 +187,12 @@ def _settling(candidate: Candidate) -> bool:
 
 def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> PageModel:
     """The page at wall-clock ``now``; ``scan`` lists the state folders (by default afresh)."""
+    if scan is None:
+        settle = sources.checkpoint_settle
+
+        def scan(paths: RunPaths, now: float, _: tuple[Any, ...]) -> tuple[list[Candidate], float]:
+            return run_candidates(paths, now=now, settle=settle), now
+
     view = sources.snapshot()
     paths = sources.paths()
     samples, marks = sources.history()
@@ -202,14 +207,8 @@ def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> P
     phase, detail = _phase(view, ledger, paths)
     speed = sources.speed()
     resumes_from = _resume_pointer(paths, problems)
-    if scan is None:
-        candidates, scanned_at = (
-            run_candidates(paths, now=now, settle=sources.checkpoint_settle),
-            now,
-        )
-    else:
-        stale_when = (resumes_from, len(ledger.recoveries), tuple(ledger.quarantined))
-        candidates, scanned_at = scan(paths, now, stale_when)
+    stale_when = (resumes_from, len(ledger.recoveries), tuple(ledger.quarantined))
+    candidates, scanned_at = scan(paths, now, stale_when)
     if ledger.run_started_at is not None:
         candidates = earlier_run_excluded(candidates, ledger.run_started_at)
     rows = [_row(c, ledger.quarantined, resumes_from) for c in candidates]
@@ -252,10 +251,7 @@ def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> P
 def _phase(view: dict[str, Any], ledger: Ledger, paths: RunPaths) -> tuple[str, str]:
     """The ledger's verdict on the run when it has one (completed, gave up, abandoned,
     interrupted), else the loop's live phase."""
-    abandoned = AbandonMarker(paths.state_dir).reason_for(ledger.run_started_at)
-    if abandoned is not None:
-        ledger.abandoned = True
-    phase, detail = run_phase(ledger, paths, abandoned)
+    phase, detail = run_phase(ledger, paths)
     if phase is not None:
         return phase, detail
     live = str(view.get("phase") or "idle")

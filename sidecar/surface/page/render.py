@@ -12,6 +12,7 @@ line cannot make the page megabytes wide.
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 from typing import Any
 
 from sidecar import __version__
@@ -275,7 +276,7 @@ def _block(text: str) -> str:
 
 
 def _name(path: Any) -> str | None:
-    return str(path).rstrip("/").rsplit("/", 1)[-1] if path else None
+    return Path(str(path)).name if path else None
 
 
 def _number(value: int | None) -> str:
