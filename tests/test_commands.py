@@ -10,7 +10,7 @@ import sys
 from state_factory import write_state_folder
 
 from sidecar import __version__
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 
 
 def sidecar(tree, *args, **env):

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_sidecar
 
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from e2e_support import (
     report_recovery,
 )
 
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -85,7 +85,7 @@ from sidecar.run.locator import RunLocator
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import event_time, sidecar_environment
 from sidecar.trainers.sd_scripts.progress_lines import parse_step
-from sidecar.trainers.sd_scripts.train_script import (
+from sidecar.trainers.shell.train_script import (
     parse_train_script,
     remove_option,
     remove_resume,

@@ -39,7 +39,7 @@ import pytest
 from sidecar.run.ledger import LedgerStore
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import sidecar_environment
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 
 pytestmark = pytest.mark.slow
 

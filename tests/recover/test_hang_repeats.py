@@ -12,7 +12,7 @@ from sidecar.recover.resume_point import ResumeOptions
 from sidecar.run.ledger import Attempt
 from sidecar.run.paths import resolve_run_paths
 from sidecar.simulator.fluxgym_tree import FluxgymTree
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 from sidecar.watched_run import WatchedRun
 
 STATE = "/outputs/my-lora/my-lora-000004-state"

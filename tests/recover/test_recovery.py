@@ -20,7 +20,7 @@ from sidecar.run.paths import RunPaths, resolve_run_paths
 from sidecar.run.record import RunRecord
 from sidecar.simulator.fluxgym_tree import FluxgymTree
 from sidecar.trainers.sd_scripts import launch_script
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 
 STALL = Verdict(VerdictKind.STALL, "no progress for 90 s")
 CRASH = Verdict(VerdictKind.CRASH, "trainer exited with code 7")

@@ -39,7 +39,7 @@ from sidecar.restarters import RestartError
 from sidecar.restarters.pod import PodRestarter
 from sidecar.simulator import read_lineage, uninterrupted_lineage
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 from sidecar.wiring import build_restarter
 
 NAMESPACE = "training"

@@ -21,7 +21,7 @@ from restart_policy import start_runtime, tree_pattern
 from sidecar_process import spawn_sidecar
 
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 
 pytestmark = pytest.mark.slow
 

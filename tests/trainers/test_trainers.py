@@ -8,7 +8,7 @@ import pytest
 
 from sidecar.trainers import LaunchScriptError, trainer_named, trainer_names
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
-from sidecar.trainers.sd_scripts.train_script import TrainScriptError
+from sidecar.trainers.shell.train_script import TrainScriptError
 
 SCRIPT = (
     "accelerate launch --num_cpu_threads_per_process 1 sd-scripts/flux_train_network.py \\\n"

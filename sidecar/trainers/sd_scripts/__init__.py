@@ -12,15 +12,10 @@ from typing import TYPE_CHECKING
 from sidecar.decide.sections import Section
 from sidecar.observe.progress import TqdmBar
 from sidecar.trainers.base import ExpectedResume, LaunchCommand, ResumePosition, StartupReport
-from sidecar.trainers.sd_scripts import (
-    launch_script,
-    position,
-    progress_lines,
-    sections,
-    train_script,
-)
+from sidecar.trainers.sd_scripts import launch_script, position, progress_lines, sections
 from sidecar.trainers.sd_scripts import state_naming as naming
-from sidecar.trainers.sd_scripts.launch_processes import launch_process_count
+from sidecar.trainers.shell import train_script
+from sidecar.trainers.shell.launch_processes import launch_process_count
 
 if TYPE_CHECKING:
     from sidecar.checkpoints.scan import Candidate

@@ -16,7 +16,7 @@ from sidecar.trainers.sd_scripts.position import (
     INITIAL_STEP,
     SKIP_UNTIL_INITIAL_STEP,
 )
-from sidecar.trainers.sd_scripts.train_script import (
+from sidecar.trainers.shell.train_script import (
     TrainCommand,
     ensure_option,
     parse_train_script,

@@ -9,7 +9,7 @@ from bash_argv import argv_bash_passes
 
 import sidecar.simulator
 from sidecar.trainers.sd_scripts import SD_SCRIPTS, launch_script
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.train_script import parse_train_script
 
 FIXTURES = Path(sidecar.simulator.__file__).parent / "scripts"
 DEFAULT = (FIXTURES / "fluxgym-20g-default.sh").read_text()

@@ -1,4 +1,4 @@
-"""Tests for reading and editing FluxGym's train.sh (sidecar.trainers.sd_scripts.train_script).
+"""Tests for reading and editing FluxGym's train.sh (sidecar.trainers.shell.train_script).
 
 Where bash's behaviour is the question, bash answers it: scripts are run with a
 stub ``accelerate`` on PATH that prints the argv it receives.
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import sidecar.simulator
 from sidecar.atomic_files import read_text_exact
-from sidecar.trainers.sd_scripts.train_script import (
+from sidecar.trainers.shell.train_script import (
     TrainCommand,
     TrainScriptError,
     ensure_option,

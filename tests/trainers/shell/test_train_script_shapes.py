@@ -19,7 +19,7 @@ from sidecar.atomic_files import read_text_exact
 from sidecar.config import Settings
 from sidecar.run.paths import RunSetupError, read_train_script, resolve_run_paths
 from sidecar.trainers.sd_scripts.launch_script import rewrite_train_script
-from sidecar.trainers.sd_scripts.train_script import (
+from sidecar.trainers.shell.train_script import (
     TrainScriptError,
     ensure_option,
     parse_train_script,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from bash_argv import argv_bash_passes
 
-from sidecar.trainers.sd_scripts.launch_processes import MORE_THAN_ONE, launch_process_count
-from sidecar.trainers.sd_scripts.train_script import parse_train_script
+from sidecar.trainers.shell.launch_processes import MORE_THAN_ONE, launch_process_count
+from sidecar.trainers.shell.train_script import parse_train_script
 
 FIXTURES = Path("/work/shared/fixtures/fluxgym-train-scripts")
 FIXTURE_SCRIPTS = sorted(FIXTURES.glob("*.sh")) if FIXTURES.is_dir() else []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sidecar.trainers.sd_scripts.script_words import Command, Word, line_of
+from sidecar.trainers.shell.script_words import Command, Word, line_of
 
 __all__ = ["Expanded", "Variables", "expand_word", "is_assignment"]
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sidecar.trainers.sd_scripts.script_values import Variables, expand_word, is_assignment
-from sidecar.trainers.sd_scripts.script_words import (
+from sidecar.trainers.shell.script_values import Variables, expand_word, is_assignment
+from sidecar.trainers.shell.script_words import (
     Command,
     Script,
     TrainScriptError,

@@ -13,7 +13,7 @@ from bash_argv import argv_bash_passes
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.trainers.sd_scripts.train_script import (
+from sidecar.trainers.shell.train_script import (
     TrainScriptError,
     parse_train_script,
     quote_word,

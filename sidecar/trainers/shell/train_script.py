@@ -24,8 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sidecar.trainers.sd_scripts.script_words import BLANKS, TrainScriptError, line_of
-from sidecar.trainers.sd_scripts.trainer_command import (
+from sidecar.trainers.shell.script_words import BLANKS, TrainScriptError, line_of
+from sidecar.trainers.shell.trainer_command import (
     EXPECTED_COMMAND,
     Arg,
     Located,
