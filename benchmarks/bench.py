@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,14 @@ from sidecar.simulator.faults import Fault, format_faults
 from sidecar.simulator.file_formats import safetensors_bytes, torch_archive_bytes
 from sidecar.simulator.fluxgym_tree import build_fluxgym_tree
 from sidecar.simulator.harness import FAST_SETTINGS, event_time, run_sidecar
+from sidecar.trainers.sd_scripts.state_naming import state_naming
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diagnosis_bench
 import section_replay
+
+# The scan as sd-scripts' runs see it: its state folder names.
+sd_states = partial(find_candidates, naming=state_naming)
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.2
@@ -504,12 +509,13 @@ def checkpoint_rows(scratch: Path) -> list[Row]:
     folder.mkdir()
     for index in range(1_000):
         write_state(folder / f"my-lora-step{index:08d}-state", index)
-    cold = timed(lambda: find_candidates(folder, now=time.time() + 60, output_name="my-lora"), 7)
+    cold = timed(lambda: sd_states(folder, now=time.time() + 60, output_name="my-lora"), 7)
     # The loop rescans the same folder at every poll: it keeps the reports of unchanged files.
     memo = FileReportMemo()
-    find_candidates(folder, now=time.time() + 60, output_name="my-lora", memo=memo)
+    sd_states(folder, now=time.time() + 60, output_name="my-lora", memo=memo)
     polled = timed(
-        lambda: find_candidates(folder, now=time.time() + 60, output_name="my-lora", memo=memo), 7
+        lambda: sd_states(folder, now=time.time() + 60, output_name="my-lora", memo=memo),
+        7,
     )
     small, huge = folder / "small.safetensors", folder / "huge.safetensors"
     write_sized_safetensors(small, 1 << 20)

@@ -65,6 +65,10 @@ def _parse_gpu_indices(value: Any) -> Any:
     return value
 
 
+# The trainer packages in sidecar/trainers, by name (a test keeps the two in step).
+TrainerName = Literal["auto", "sd-scripts", "hf-trainer", "diffusers", "ai-toolkit", "onetrainer"]
+
+
 class Settings(BaseSettings):
     """All of the sidecar's settings. Field descriptions feed ``--help`` and the README."""
 
@@ -78,6 +82,14 @@ class Settings(BaseSettings):
     train_script: Path | None = Field(
         None,
         description="Path of train.sh as the sidecar sees it (required by run, check, resume).",
+    )
+    trainer: Literal[
+        "auto", "sd-scripts", "hf-trainer", "diffusers", "ai-toolkit", "onetrainer"
+    ] = Field(
+        "auto",
+        description="The trainer the launch script runs; auto: the one its command line is "
+        "recognised as (kohya_ss GUI runs are sd-scripts; Axolotl, LLaMA-Factory and TRL "
+        "are hf-trainer).",
     )
     output_dir: Path | None = Field(
         None,

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import events
-from sidecar.checkpoints.file_checks import inspect_state_file
 from sidecar.decide.lost_work import StepClock, denser_cadence
 from sidecar.decide.resume_check import resume_problem
 from sidecar.decide.run_boundary import ScriptSeen, run_boundary, written_by_this_run
@@ -186,7 +185,7 @@ class WatchedRun:
         resumed = self.pointer.resumed_checkpoint()
         state_step = None
         if resumed is not None:
-            state_step = inspect_state_file(Path(resumed) / "train_state.json").step
+            state_step = self.paths.trainer.resumed_state_step(Path(resumed))
         ledger = self.record.ledger
         self.unresolved_launch = None
         try:

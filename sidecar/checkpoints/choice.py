@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from sidecar.checkpoints.access import UnreadableFile, describe_denial
 from sidecar.checkpoints.file_memo import FileReportMemo
-from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
+from sidecar.checkpoints.scan import Candidate, choose_checkpoint
 from sidecar.run.ledger import Ledger
 from sidecar.run.paths import RunPaths
 
@@ -53,13 +53,12 @@ class CheckpointUnreadable(NoCheckpointLeft):
 def run_candidates(
     paths: RunPaths, *, now: float, settle: float, memo: FileReportMemo | None = None
 ) -> list[Candidate]:
-    """The run's state folders, named its trainer's way; ``now`` is the wall clock."""
-    return find_candidates(
+    """The run's states, found its trainer's way; ``now`` is the wall clock."""
+    return paths.trainer.find_states(
         paths.output_dir,
         now=now,
         settle_seconds=settle,
         output_name=paths.output_name,
-        naming=paths.trainer.state_naming,
         memo=memo,
     )
 

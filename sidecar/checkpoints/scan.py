@@ -36,9 +36,15 @@ from sidecar.checkpoints.access import UnreadableFile, denial
 from sidecar.checkpoints.file_checks import FileReport, inspect_state_file
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.naming import CandidateKind, NamedState, StateNaming
-from sidecar.trainers.sd_scripts.state_naming import state_naming as sd_scripts_state_naming
 
-__all__ = ["Candidate", "CandidateKind", "choose_checkpoint", "find_candidates"]
+__all__ = [
+    "STILL_WRITTEN",
+    "Candidate",
+    "CandidateKind",
+    "choose_checkpoint",
+    "find_candidates",
+    "newest_complete_first",
+]
 
 _ACCELERATE: NamedState = ("accelerate", None)
 
@@ -77,7 +83,7 @@ def find_candidates(
     now: float,
     settle_seconds: float = 10.0,
     output_name: str | None = None,
-    naming: Callable[[str | None], StateNaming] = sd_scripts_state_naming,
+    naming: Callable[[str | None], StateNaming],
     memo: FileReportMemo | None = None,
 ) -> list[Candidate]:
     """Every state folder directly in ``output_dir``: complete ones newest first, then the rest.
@@ -85,7 +91,7 @@ def find_candidates(
     ``now`` is the caller's wall clock (compared with file mtimes); a folder whose
     newest file changed less than ``settle_seconds`` before it is still being written.
     A missing ``output_dir`` means no state yet and gives an empty list. ``naming`` is the
-    trainer's state naming for an output name (sd-scripts' by default); ``output_name``
+    trainer's state naming for an output name; ``output_name``
     None accepts any output name. ``memo`` keeps the reports of files already checked, for
     a caller that scans the same folder again and again (the loop, every poll).
     """
@@ -99,7 +105,7 @@ def find_candidates(
         )
         if candidate is not None:
             candidates.append(candidate)
-    return _newest_complete_first(candidates)
+    return newest_complete_first(candidates)
 
 
 def choose_checkpoint(
@@ -325,7 +331,8 @@ def _exists(folder: Path) -> bool:
     return True
 
 
-def _newest_complete_first(candidates: list[Candidate]) -> list[Candidate]:
+def newest_complete_first(candidates: list[Candidate]) -> list[Candidate]:
+    """Complete candidates newest (by completion) first, then the rest: every trainer's order."""
     # Name descending first, so equal completion times (coarse mtimes) fall back to the
     # later name of one run; the stable sort by completion then decides everything else.
     by_name = sorted(candidates, key=lambda candidate: candidate.path.name, reverse=True)

@@ -16,10 +16,9 @@ from pathlib import Path
 from sidecar.atomic_files import read_text_exact
 from sidecar.config import Settings
 from sidecar.run.path_map import PathMap
-from sidecar.trainers import LaunchCommand, LaunchScriptError, Trainer
+from sidecar.trainers import LaunchCommand, LaunchScriptError, Trainer, trainer_for
+from sidecar.trainers.base import RunLocation
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
-
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
 
 class RunSetupError(Exception):
@@ -58,9 +57,9 @@ class RunPaths:
     def final_model_mtime(self) -> float | None:
         """When the newest final model file was written; None when there is none."""
         times = []
-        for suffix in MODEL_SUFFIXES:
+        for path in self.trainer.final_model_paths(self.output_dir, self.output_name):
             try:
-                status = (self.output_dir / f"{self.output_name}{suffix}").stat()
+                status = path.stat()
             except OSError:
                 continue
             if stat.S_ISREG(status.st_mode):
@@ -98,16 +97,16 @@ def resolve_run_paths(
             "(or SIDECAR_OUTPUT_DIR pointing at an outputs root with <run>/train.sh folders)"
         )
     script = script_setting.absolute()
-    _, command = read_train_script(script)
+    trainer = _trainer_of(script, settings.trainer)
+    _, command = read_train_script(script, trainer)
     path_map = settings.path_mapping
     workdir = (settings.trainer_workdir or default_workdir(script)).absolute()
     if settings.restart_mode == "exec" and settings.trainer_workdir is None:
         # train.sh is launched inside the trainer's container: its root, in its view.
         workdir = default_workdir(Path(path_map.to_trainer(str(script))))
+    location = trainer.run_location(command, lambda path: _sidecar_path(path, path_map, workdir))
     if output_dir is None:
-        output_dir = settings.output_dir or _output_dir_from_script(
-            command, path_map, script, workdir
-        )
+        output_dir = settings.output_dir or _output_dir_from_script(location, script)
     check_write_scope(output_dir)
     state_dir = (
         settings.state_dir if settings.state_dir and train_script is None else None
@@ -118,9 +117,25 @@ def resolve_run_paths(
         trainer_workdir=workdir,  # in the view of whoever launches train.sh
         state_dir=state_dir.absolute(),
         train_log=(settings.train_log or output_dir / "train.log").absolute(),
-        output_name=command.output_name or "last",  # sd-scripts' own default name
+        output_name=location.output_name,
         path_map=path_map,
+        trainer=trainer,
     )
+
+
+def _trainer_of(script: Path, setting: str) -> Trainer:
+    """The trainer ``SIDECAR_TRAINER`` names, or (auto) the one the script's command starts."""
+    _, command = read_train_script(script, SD_SCRIPTS)  # the shared shell reader
+    try:
+        return trainer_for(setting, command)
+    except LaunchScriptError as error:
+        raise RunSetupError(f"train script {script}: {error}") from None
+
+
+def _sidecar_path(path: str, path_map: PathMap, workdir: Path) -> Path:
+    """A path as the trainer sees it, as the sidecar can open it."""
+    mapped = Path(path_map.to_sidecar(path))
+    return mapped if mapped.is_absolute() else workdir / mapped
 
 
 # The sidecar writes into the output folder (its ledger, train.log, incident reports): a
@@ -161,21 +176,15 @@ def default_workdir(script: Path) -> Path:
     return run_folder
 
 
-def _output_dir_from_script(
-    command: LaunchCommand, path_map: PathMap, script: Path, workdir: Path
-) -> Path:
+def _output_dir_from_script(location: RunLocation, script: Path) -> Path:
     # `--output_dir "$OUT"` with OUT from the environment: the script's folder would be a
     # guess, and a wrong guess resumes from an older state.
-    why = command.unresolved("output_dir")
-    if why:
+    if location.why_unknown:
         raise RunSetupError(
-            f"train script {script}: the output folder cannot be known, {why}; write the "
-            "path in train.sh (or assign the variable earlier in it) or set SIDECAR_OUTPUT_DIR"
+            f"train script {script}: the output folder cannot be known, "
+            f"{location.why_unknown}; write the path in train.sh (or assign the variable "
+            "earlier in it) or set SIDECAR_OUTPUT_DIR"
         )
-    if command.output_dir:
-        mapped = Path(path_map.to_sidecar(command.output_dir))
-        if not mapped.is_absolute():  # relative to the trainer's working directory
-            mapped = workdir / mapped
-        if mapped.is_dir():
-            return mapped
+    if location.output_dir is not None and location.output_dir.is_dir():
+        return location.output_dir
     return script.parent

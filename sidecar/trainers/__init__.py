@@ -2,20 +2,11 @@
 
 The core (observe, checkpoints, decide, recover, run, surface) knows no trainer. It asks a
 :class:`~sidecar.trainers.base.Trainer` for what differs, and this package finds the one
-named in the settings. Adding a trainer is one new package here, ``sidecar/trainers/<name>/``,
-whose ``__init__`` exposes one object satisfying ``Trainer``:
-
-- ``name``: what ``trainer_named`` finds it by;
-- ``state_naming(output_name)``: a :class:`~sidecar.checkpoints.naming.StateNaming` that
-  reads its state folder names (accelerate's file set is shared, in ``sidecar.checkpoints``);
-- ``step_bar(text)``: its step counter among its console output, read with the one tqdm
-  parser in ``sidecar.observe.progress``;
-- ``read_launch_script``, ``rewritten_launch_script``, ``rewrite_launch_script``,
-  ``add_save_state`` and ``launch_script_diff``: its launch script dialect, and resuming it
-  from a state folder
-  (errors as a subclass of :class:`~sidecar.trainers.base.LaunchScriptError`);
-
-and one line in ``_TRAINERS`` below.
+named in the settings (``SIDECAR_TRAINER``), or the one that recognises the launch command
+(``auto``). Adding a trainer is one new package here, ``sidecar/trainers/<name>/``, whose
+``__init__`` exposes one object satisfying ``Trainer`` (its docstrings say what each method
+answers), and one line in ``_TRAINERS`` below. Reading and editing the launch script's
+command is shared (``trainers.shell``); what its options mean is the trainer's.
 """
 
 from __future__ import annotations
@@ -24,14 +15,25 @@ from sidecar.trainers.base import LaunchCommand, LaunchScriptError, Trainer
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
 
 __all__ = [
+    "AUTO",
     "LaunchCommand",
     "LaunchScriptError",
     "Trainer",
+    "UnknownTrainer",
+    "detect_trainer",
+    "trainer_for",
     "trainer_named",
     "trainer_names",
 ]
 
+AUTO = "auto"
+
 _TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (SD_SCRIPTS,)}
+
+
+class UnknownTrainer(LaunchScriptError):
+    """No trainer (or more than one) recognises the launch command; the message names
+    ``SIDECAR_TRAINER`` and the values it takes."""
 
 
 def trainer_named(name: str) -> Trainer:
@@ -46,3 +48,39 @@ def trainer_named(name: str) -> Trainer:
 def trainer_names() -> tuple[str, ...]:
     """The names ``trainer_named`` knows, sorted."""
     return tuple(sorted(_TRAINERS))
+
+
+def detect_trainer(command: LaunchCommand) -> Trainer:
+    """The one trainer that recognises ``command``; UnknownTrainer otherwise."""
+    found = [trainer for trainer in _TRAINERS.values() if trainer.recognises(command)]
+    if len(found) == 1:
+        return found[0]
+    shown = " ".join(command.words)
+    values = ", ".join((AUTO, *trainer_names()))
+    if not found:
+        raise UnknownTrainer(
+            f"no supported trainer recognises `{_shorten(shown)}`; set SIDECAR_TRAINER to the "
+            f"trainer it runs (one of: {values})"
+        )
+    names = ", ".join(trainer.name for trainer in found)
+    raise UnknownTrainer(
+        f"`{_shorten(shown)}` reads like more than one trainer ({names}); set SIDECAR_TRAINER "
+        f"to the one it runs (one of: {values})"
+    )
+
+
+def trainer_for(setting: str, command: LaunchCommand) -> Trainer:
+    """The trainer ``SIDECAR_TRAINER`` names, or (``auto``) the one ``command`` starts."""
+    if setting == AUTO:
+        return detect_trainer(command)
+    try:
+        return trainer_named(setting)
+    except KeyError:
+        values = ", ".join((AUTO, *trainer_names()))
+        raise UnknownTrainer(
+            f"SIDECAR_TRAINER={setting!r} is not a supported trainer; expected one of: {values}"
+        ) from None
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -6,15 +6,16 @@ same for every trainer; this is what differs, gathered in one object per trainer
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from sidecar.checkpoints.naming import StateNaming
 from sidecar.decide.sections import Section
 from sidecar.observe.progress import TqdmBar
 
 if TYPE_CHECKING:
+    from sidecar.checkpoints.file_memo import FileReportMemo
     from sidecar.checkpoints.scan import Candidate
     from sidecar.run.ledger import Ledger
 
@@ -25,6 +26,7 @@ __all__ = [
     "LaunchCommand",
     "LaunchScriptError",
     "ResumePosition",
+    "RunLocation",
     "StartupReport",
     "Trainer",
 ]
@@ -69,6 +71,15 @@ class ResumePosition:
     reason: str
 
 
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a launch command's run keeps its files, as the sidecar sees them."""
+
+    output_dir: Path | None  # where its states are; None: not known from the command
+    output_name: str  # the name its final model and states carry ("" where none)
+    why_unknown: str | None = None  # why output_dir cannot be known (a setting to name)
+
+
 def _newer(value: _T | None, old: _T | None) -> _T | None:
     return value if value is not None else old
 
@@ -82,6 +93,21 @@ class LaunchCommand(Protocol):
 
     @property
     def trainer_script(self) -> str: ...
+
+    @property
+    def launcher_args(self) -> tuple[str, ...]:
+        """The launcher and its own arguments (``accelerate launch --num_processes 2``)."""
+        ...
+
+    @property
+    def trainer_args(self) -> tuple[str, ...]:
+        """The arguments after the trainer script (or entry point)."""
+        ...
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The whole command, as the launcher receives it."""
+        ...
 
     @property
     def resume(self) -> str | None:
@@ -118,11 +144,55 @@ class Trainer(Protocol):
 
     @property
     def name(self) -> str:
-        """What ``trainer_named`` finds it by."""
+        """What ``trainer_named`` finds it by (a ``SIDECAR_TRAINER`` value)."""
         ...
 
-    def state_naming(self, output_name: str | None) -> StateNaming:
-        """Its state folder names for the run saving as ``output_name`` (None: any name)."""
+    def recognises(self, command: LaunchCommand) -> bool:
+        """Whether ``command`` (read by the shared shell reader) starts this trainer: what
+        ``SIDECAR_TRAINER=auto`` decides by. At most one trainer recognises a command."""
+        ...
+
+    def run_location(
+        self, command: LaunchCommand, sidecar_path: Callable[[str], Path]
+    ) -> RunLocation:
+        """Where the run of ``command`` writes; ``sidecar_path`` turns a path as the trainer
+        sees it (relative to its working directory, or absolute) into one the sidecar can
+        open (for a config file the command names)."""
+        ...
+
+    def find_states(
+        self,
+        output_dir: Path,
+        *,
+        now: float,
+        settle_seconds: float,
+        output_name: str | None,
+        memo: FileReportMemo | None = None,
+    ) -> list[Candidate]:
+        """Every state it could resume from in ``output_dir``, complete ones newest first
+        (by completion time), then the rest; each incomplete one says why. A state deleted
+        while it is read (the trainer's own pruning) is left out, not reported."""
+        ...
+
+    def in_the_way(
+        self, candidates: Sequence[Candidate], chosen: Candidate | None
+    ) -> list[Candidate]:
+        """The incomplete states that the trainer's own "latest" rule would take over
+        ``chosen`` on its next start (its auto-resume, its pruning): the sidecar sets them
+        aside. Empty where the sidecar names the state to resume from and the trainer obeys."""
+        ...
+
+    def aside_path(self, state: Path, stamp: str) -> Path:
+        """Where ``state`` goes when set aside at ``stamp`` (a UTC time): beside it, under a
+        name that the trainer's own listing, resume and pruning never match."""
+        ...
+
+    def final_model_paths(self, output_dir: Path, output_name: str) -> Sequence[Path]:
+        """Where its final model may be written: its presence says the run completed."""
+        ...
+
+    def resumed_state_step(self, state: Path) -> int | None:
+        """The step that the state at ``state`` records (None: not readable)."""
         ...
 
     def step_bar(self, text: str) -> TqdmBar | None:

@@ -9,6 +9,7 @@ whole and all present: only their times, against the write order, give it away.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from sidecar.checkpoints.choice import choose_resume_point
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
 from sidecar.run.ledger import Ledger
+from sidecar.trainers.sd_scripts.state_naming import state_naming
+
+# The scan as sd-scripts' runs see it: its state folder names.
+sd_states = partial(find_candidates, naming=state_naming)
 
 T = 1_750_000_000.0  # the earlier save
 NEW = T + 600  # the save that did not finish
@@ -48,7 +53,7 @@ def test_new_train_state_and_weights_over_old_optimizer_scheduler_and_random_sta
     """The hang came after the weights: optimizer, scheduler and random states are the old ones."""
     folder = state(tmp_path, mtimes=in_order(("train_state.json", "model.safetensors"), NEW))
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert not candidate.complete and candidate.mixed
     assert candidate.problems == (
@@ -64,7 +69,7 @@ def test_only_train_state_rewritten(tmp_path: Path) -> None:
     """sd-scripts' pre-save hook wrote train_state.json, then the save died."""
     state(tmp_path, mtimes={"train_state.json": NEW})
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.mixed
     assert candidate.problems[0].startswith(
@@ -76,7 +81,7 @@ def test_everything_new_but_the_random_states(tmp_path: Path) -> None:
     """random_states_<i>.pkl comes last: the save stopped just before it."""
     state(tmp_path, mtimes=in_order(STATE_FILES[:-1], NEW))
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.mixed and not candidate.complete
     assert candidate.problems == (
@@ -97,7 +102,7 @@ def test_optional_files_keep_their_place_in_the_order(
     (folder / extra).write_bytes((folder / source).read_bytes())
     os.utime(folder / extra, (T, T))  # the earlier save's copy
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.mixed
     assert candidate.problems[0].startswith(f"{MIXED}{extra} is older than ")
@@ -107,7 +112,7 @@ def test_a_whole_save_with_one_coarse_time_is_complete(tmp_path: Path) -> None:
     """A filesystem clock of seconds (or two, on FAT) gives a whole save one mtime."""
     state(tmp_path, mtime=NEW)
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.complete and not candidate.mixed
 
@@ -119,7 +124,7 @@ def test_a_whole_save_in_order_is_complete_to_the_nanosecond(tmp_path: Path) -> 
     for index, name in enumerate(STATE_FILES):
         os.utime(folder / name, ns=(base + index * 100, base + index * 100))
 
-    assert only(find_candidates(tmp_path, now=LATER)).complete
+    assert only(sd_states(tmp_path, now=LATER)).complete
 
 
 def test_nanoseconds_tell_files_apart_that_seconds_would_not(tmp_path: Path) -> None:
@@ -130,7 +135,7 @@ def test_nanoseconds_tell_files_apart_that_seconds_would_not(tmp_path: Path) -> 
         os.utime(folder / name, ns=(base + 200, base + 200))
     os.utime(folder / "optimizer.bin", ns=(base + 100, base + 100))
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.mixed
     assert candidate.problems[0].startswith("mixed: optimizer.bin is older than model.safetensors")
@@ -142,15 +147,15 @@ def test_other_processes_random_states_have_no_place_in_the_order(tmp_path: Path
     (folder / "random_states_1.pkl").write_bytes((folder / "random_states_0.pkl").read_bytes())
     os.utime(folder / "random_states_1.pkl", (NEW, NEW))  # before the model, one second on
 
-    assert only(find_candidates(tmp_path, now=LATER)).complete
+    assert only(sd_states(tmp_path, now=LATER)).complete
 
 
 def test_a_folder_being_rewritten_is_still_being_written(tmp_path: Path) -> None:
     """While the save goes on, its order is unfinished, not wrong; once stopped, it is mixed."""
     state(tmp_path, mtimes={"train_state.json": NEW, "model.safetensors": NEW})
 
-    writing = only(find_candidates(tmp_path, now=NEW + 2, settle_seconds=10.0))
-    stalled = only(find_candidates(tmp_path, now=NEW + 2, settle_seconds=0.0))
+    writing = only(sd_states(tmp_path, now=NEW + 2, settle_seconds=10.0))
+    stalled = only(sd_states(tmp_path, now=NEW + 2, settle_seconds=0.0))
 
     assert writing.problems == ("still being written (last change 2.0 s ago)",)
     assert not writing.mixed
@@ -162,7 +167,7 @@ def test_the_older_whole_state_is_chosen_over_the_mixed_one(tmp_path: Path) -> N
     older = state(tmp_path, "my-lora-step00000500-state", mtime=T - 600)
     state(tmp_path, mtimes=in_order(("train_state.json", "model.safetensors"), NEW))
 
-    candidates = find_candidates(tmp_path, now=LATER)
+    candidates = sd_states(tmp_path, now=LATER)
     choice = choose_resume_point(candidates, Ledger(), allow_scratch=False)
 
     assert [c.path.name for c in candidates] == ["my-lora-step00000500-state", FOLDER]
@@ -175,8 +180,8 @@ def test_the_memo_sees_the_order_too(tmp_path: Path) -> None:
     state(tmp_path, mtimes={"train_state.json": NEW})
     memo = FileReportMemo()
 
-    first = only(find_candidates(tmp_path, now=LATER, memo=memo))
-    again = only(find_candidates(tmp_path, now=LATER, memo=memo))
+    first = only(sd_states(tmp_path, now=LATER, memo=memo))
+    again = only(sd_states(tmp_path, now=LATER, memo=memo))
 
     assert first == again and again.mixed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,10 @@ from state_factory import STATE_FILES, set_mtime, state_file_contents, write_sta
 from sidecar.checkpoints import scan
 from sidecar.checkpoints.file_checks import inspect_state_file
 from sidecar.checkpoints.scan import Candidate, choose_checkpoint, find_candidates
-from sidecar.trainers.sd_scripts.state_naming import FINAL_STATE_PROBLEM
+from sidecar.trainers.sd_scripts.state_naming import FINAL_STATE_PROBLEM, state_naming
+
+# The scan as sd-scripts' runs see it: its state folder names.
+sd_states = partial(find_candidates, naming=state_naming)
 
 # A fixed wall clock: files are given mtimes around it, so no test depends on real time.
 T = 1_750_000_000.0
@@ -36,7 +40,7 @@ def test_complete_step_folder_is_accepted(tmp_path: Path) -> None:
     """A folder with every file whole and quiet for long enough is a complete candidate."""
     folder = state(tmp_path, "my-lora-step00000500-state", step=500, epoch=2)
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate == Candidate(
         path=folder,
@@ -56,7 +60,7 @@ def test_epoch_and_final_names_are_recognised(tmp_path: Path) -> None:
     state(tmp_path, "my-lora-000004-state", mtime=T)
     state(tmp_path, "my-lora-state", mtime=T + 1)
 
-    kinds = {c.path.name: (c.kind, c.number) for c in find_candidates(tmp_path, now=LATER)}
+    kinds = {c.path.name: (c.kind, c.number) for c in sd_states(tmp_path, now=LATER)}
 
     assert kinds == {"my-lora-000004-state": ("epoch", 4), "my-lora-state": ("final", None)}
 
@@ -74,7 +78,7 @@ def test_missing_required_file_is_named(tmp_path: Path, omitted: str, problem: s
     """Without any one of the files accelerate's load_state needs, the folder is incomplete."""
     state(tmp_path, "my-lora-step00000500-state", omit={omitted})
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert not candidate.complete
     assert candidate.problems == (problem,)
@@ -85,7 +89,7 @@ def test_missing_train_state_is_not_required(tmp_path: Path) -> None:
     """train_state.json is optional to accelerate; without it the numbers are simply unknown."""
     state(tmp_path, "my-lora-step00000500-state", omit={"train_state.json"})
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.complete
     assert (candidate.step, candidate.epoch) == (None, None)
@@ -97,7 +101,7 @@ def test_pytorch_model_bin_stands_in_for_safetensors(tmp_path: Path) -> None:
     (folder / "pytorch_model.bin").write_bytes((folder / "optimizer.bin").read_bytes())
     set_mtime(folder, T)
 
-    assert only(find_candidates(tmp_path, now=LATER)).complete
+    assert only(sd_states(tmp_path, now=LATER)).complete
 
 
 @pytest.mark.parametrize("name", STATE_FILES)
@@ -105,7 +109,7 @@ def test_empty_file_is_named(tmp_path: Path, name: str) -> None:
     """A file created but never written makes the folder incomplete, with the file named."""
     state(tmp_path, "my-lora-step00000500-state", empty=name)
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.problems == (f"{name}: empty file",)
 
@@ -116,7 +120,7 @@ def test_truncated_file_is_named(tmp_path: Path, name: str, cut: int) -> None:
     """A file missing its last bytes (a torn write) makes the folder incomplete."""
     state(tmp_path, "my-lora-step00000500-state", truncate=name, truncate_by=cut)
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert not candidate.complete
     assert len(candidate.problems) == 1
@@ -127,7 +131,7 @@ def test_truncated_safetensors_problem_says_how_much(tmp_path: Path) -> None:
     """The reason carries the sizes, so a log line tells a torn write from other damage."""
     state(tmp_path, "my-lora-step00000500-state", truncate="model.safetensors", truncate_by=10)
 
-    (problem,) = only(find_candidates(tmp_path, now=LATER)).problems
+    (problem,) = only(sd_states(tmp_path, now=LATER)).problems
 
     assert problem.startswith("model.safetensors: truncated: header says ")
 
@@ -139,7 +143,7 @@ def test_torch_style_random_states_are_accepted_and_checked(tmp_path: Path) -> N
         tmp_path, "b-step00000001-state", random_states_as_zip=True, truncate="random_states_0.pkl"
     )
 
-    by_name = {c.path.name: c for c in find_candidates(tmp_path, now=LATER)}
+    by_name = {c.path.name: c for c in sd_states(tmp_path, now=LATER)}
 
     assert by_name["a-step00000001-state"].complete
     assert by_name["b-step00000001-state"].problems == (
@@ -169,7 +173,7 @@ def test_optional_and_extra_files_are_checked_when_present(
     set_mtime(whole, T)
     set_mtime(cut, T)
 
-    by_name = {c.path.name: c for c in find_candidates(tmp_path, now=LATER)}
+    by_name = {c.path.name: c for c in sd_states(tmp_path, now=LATER)}
 
     assert by_name["a-step00000001-state"].complete
     (problem,) = by_name["b-step00000001-state"].problems
@@ -186,7 +190,7 @@ def test_half_written_newest_folder_is_passed_over(tmp_path: Path) -> None:
         mtime=T + 100,
     )
 
-    candidates = find_candidates(tmp_path, now=LATER)
+    candidates = sd_states(tmp_path, now=LATER)
 
     assert [c.path.name for c in candidates] == [
         "my-lora-step00000500-state",
@@ -206,8 +210,8 @@ def test_recently_changed_folder_is_not_complete_until_it_settles(tmp_path: Path
     """Whole-looking files still count as being written until the settle time has passed."""
     state(tmp_path, "my-lora-step00000500-state", mtime=T)
 
-    early = only(find_candidates(tmp_path, now=T + 2.0, settle_seconds=10.0))
-    settled = only(find_candidates(tmp_path, now=T + 10.0, settle_seconds=10.0))
+    early = only(sd_states(tmp_path, now=T + 2.0, settle_seconds=10.0))
+    settled = only(sd_states(tmp_path, now=T + 10.0, settle_seconds=10.0))
 
     assert early.problems == ("still being written (last change 2.0 s ago)",)
     assert settled.complete
@@ -218,7 +222,7 @@ def test_one_fresh_file_keeps_the_whole_folder_unsettled(tmp_path: Path) -> None
     folder = state(tmp_path, "my-lora-step00000500-state", mtime=T - 3600)
     os.utime(folder / "random_states_0.pkl", (T - 1, T - 1))
 
-    candidate = only(find_candidates(tmp_path, now=T))
+    candidate = only(sd_states(tmp_path, now=T))
 
     assert candidate.completed_at == T - 1
     assert candidate.problems == ("still being written (last change 1.0 s ago)",)
@@ -228,7 +232,7 @@ def test_file_dated_in_the_future_is_not_settled(tmp_path: Path) -> None:
     """A clock step or filesystem skew must not make a folder look settled early."""
     state(tmp_path, "my-lora-step00000500-state", mtime=T + 5)
 
-    candidate = only(find_candidates(tmp_path, now=T))
+    candidate = only(sd_states(tmp_path, now=T))
 
     assert candidate.problems == ("still being written (last change 5.0 s in the future)",)
 
@@ -238,7 +242,7 @@ def test_lower_numbered_but_newer_folder_wins(tmp_path: Path) -> None:
     state(tmp_path, "my-lora-step00000500-state", step=500, mtime=T)
     newer = state(tmp_path, "my-lora-step00000010-state", step=10, mtime=T + 600)
 
-    candidates = find_candidates(tmp_path, now=LATER)
+    candidates = sd_states(tmp_path, now=LATER)
 
     assert [c.number for c in candidates] == [10, 500]
     chosen = choose_checkpoint(candidates)
@@ -253,7 +257,7 @@ def test_incomplete_folders_come_after_complete_ones(tmp_path: Path) -> None:
     state(tmp_path, "x-step00000003-state", mtime=T + 20)
     state(tmp_path, "x-step00000004-state", mtime=T + 30, omit={"scheduler.bin"})
 
-    order = [(c.number, c.complete) for c in find_candidates(tmp_path, now=LATER)]
+    order = [(c.number, c.complete) for c in sd_states(tmp_path, now=LATER)]
 
     assert order == [(3, True), (1, True), (4, False), (2, False)]
 
@@ -263,7 +267,7 @@ def test_equal_completion_times_prefer_the_later_name(tmp_path: Path) -> None:
     state(tmp_path, "x-step00000001-state", mtime=T)
     state(tmp_path, "x-step00000002-state", mtime=T)
 
-    assert [c.number for c in find_candidates(tmp_path, now=LATER)] == [2, 1]
+    assert [c.number for c in sd_states(tmp_path, now=LATER)] == [2, 1]
 
 
 def test_folder_deleted_before_it_is_read_is_skipped(
@@ -281,7 +285,7 @@ def test_folder_deleted_before_it_is_read_is_skipped(
 
     monkeypatch.setattr(scan, "_state_folder_entries", list_then_delete)
 
-    assert [c.path for c in find_candidates(tmp_path, now=LATER)] == [keep]
+    assert [c.path for c in sd_states(tmp_path, now=LATER)] == [keep]
 
 
 def test_folder_deleted_while_its_files_are_checked_is_skipped(
@@ -301,7 +305,7 @@ def test_folder_deleted_while_its_files_are_checked_is_skipped(
 
     monkeypatch.setattr(scan, "inspect_state_file", check_then_delete)
 
-    assert [c.path for c in find_candidates(tmp_path, now=LATER)] == [keep]
+    assert [c.path for c in sd_states(tmp_path, now=LATER)] == [keep]
 
 
 def test_final_state_is_listed_but_never_complete(tmp_path: Path) -> None:
@@ -309,7 +313,7 @@ def test_final_state_is_listed_but_never_complete(tmp_path: Path) -> None:
     state(tmp_path, "my-lora-state", mtime=T + 100)
     earlier = state(tmp_path, "my-lora-000004-state", mtime=T)
 
-    candidates = find_candidates(tmp_path, now=LATER, output_name="my-lora")
+    candidates = sd_states(tmp_path, now=LATER, output_name="my-lora")
 
     final = next(c for c in candidates if c.kind == "final")
     assert final.problems == (FINAL_STATE_PROBLEM,)
@@ -323,7 +327,7 @@ def test_only_a_final_state_gives_nothing_to_resume(tmp_path: Path) -> None:
     """A finished run has no resumable state, so nothing is chosen."""
     state(tmp_path, "my-lora-state")
 
-    assert choose_checkpoint(find_candidates(tmp_path, now=LATER)) is None
+    assert choose_checkpoint(sd_states(tmp_path, now=LATER)) is None
 
 
 def test_excluded_folders_are_not_chosen(tmp_path: Path) -> None:
@@ -331,7 +335,7 @@ def test_excluded_folders_are_not_chosen(tmp_path: Path) -> None:
     newest = state(tmp_path, "x-step00000003-state", mtime=T + 20)
     middle = state(tmp_path, "x-step00000002-state", mtime=T + 10)
     oldest = state(tmp_path, "x-step00000001-state", mtime=T)
-    candidates = find_candidates(tmp_path, now=LATER)
+    candidates = sd_states(tmp_path, now=LATER)
 
     first = choose_checkpoint(candidates, exclude=[newest])
     assert first is not None
@@ -347,7 +351,7 @@ def test_output_name_limits_the_sd_scripts_names(tmp_path: Path) -> None:
 
     kinds = {
         c.path.name: (c.kind, c.number)
-        for c in find_candidates(tmp_path, now=LATER, output_name="my-lora")
+        for c in sd_states(tmp_path, now=LATER, output_name="my-lora")
     }
 
     assert kinds == {
@@ -361,7 +365,7 @@ def test_output_name_with_regex_characters_is_taken_literally(tmp_path: Path) ->
     state(tmp_path, "a.b+c-step00000002-state")
     state(tmp_path, "aXbbc-step00000003-state", omit=set(STATE_FILES))
 
-    kinds = {c.path.name: c.kind for c in find_candidates(tmp_path, now=LATER, output_name="a.b+c")}
+    kinds = {c.path.name: c.kind for c in sd_states(tmp_path, now=LATER, output_name="a.b+c")}
 
     assert kinds == {"a.b+c-step00000002-state": "step"}
 
@@ -372,7 +376,7 @@ def test_unnamed_folder_with_accelerate_files_is_a_candidate(tmp_path: Path) -> 
     (tmp_path / "dataset").mkdir()
     (tmp_path / "dataset" / "image.png").write_bytes(b"png")
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert (candidate.path, candidate.kind, candidate.number) == (folder, "accelerate", None)
     assert candidate.complete
@@ -382,7 +386,7 @@ def test_named_state_folder_without_files_is_listed_incomplete(tmp_path: Path) -
     """A state folder sd-scripts has only just created is reported with everything missing."""
     (tmp_path / "x-step00000007-state").mkdir()
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert (candidate.kind, candidate.number, candidate.completed_at) == ("step", 7, None)
     assert len(candidate.problems) == 4
@@ -394,7 +398,7 @@ def test_hidden_and_sample_folders_are_ignored(tmp_path: Path) -> None:
     state(tmp_path, "sample")
     state(tmp_path, ".x-step00000001-state")
 
-    assert find_candidates(tmp_path, now=LATER) == []
+    assert sd_states(tmp_path, now=LATER) == []
 
 
 def test_plain_files_in_the_output_folder_are_ignored(tmp_path: Path) -> None:
@@ -403,12 +407,12 @@ def test_plain_files_in_the_output_folder_are_ignored(tmp_path: Path) -> None:
     (tmp_path / "train.sh").write_text("accelerate launch ...")
     (tmp_path / "my-lora-step00000001-state").write_bytes(b"not a folder")
 
-    assert find_candidates(tmp_path, now=LATER) == []
+    assert sd_states(tmp_path, now=LATER) == []
 
 
 def test_missing_output_folder_means_no_state_yet(tmp_path: Path) -> None:
     """Before sd-scripts has created its output folder there is simply nothing."""
-    assert find_candidates(tmp_path / "not-yet", now=LATER) == []
+    assert sd_states(tmp_path / "not-yet", now=LATER) == []
 
 
 def test_symlinked_folders_are_not_followed(tmp_path: Path) -> None:
@@ -422,7 +426,7 @@ def test_symlinked_folders_are_not_followed(tmp_path: Path) -> None:
     (output_dir / "self-loop").symlink_to(output_dir / "self-loop")
 
     started = time.perf_counter()
-    candidates = find_candidates(output_dir, now=LATER)
+    candidates = sd_states(output_dir, now=LATER)
 
     assert time.perf_counter() - started < 1.0
     assert [c.path for c in candidates] == [real]
@@ -435,7 +439,7 @@ def test_unreadable_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     (folder / "optimizer.bin").chmod(0)
 
     try:
-        candidate = only(find_candidates(tmp_path, now=LATER))
+        candidate = only(sd_states(tmp_path, now=LATER))
     finally:
         (folder / "optimizer.bin").chmod(0o644)
 
@@ -449,7 +453,7 @@ def test_unreadable_folder_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     folder.chmod(0)
 
     try:
-        candidate = only(find_candidates(tmp_path, now=LATER))
+        candidate = only(sd_states(tmp_path, now=LATER))
     finally:
         folder.chmod(0o755)
 
@@ -462,7 +466,7 @@ def test_dangling_link_in_place_of_a_file_is_a_problem(tmp_path: Path) -> None:
     folder = state(tmp_path, "x-step00000001-state", omit={"optimizer.bin"})
     (folder / "optimizer.bin").symlink_to(tmp_path / "gone.bin")
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.problems == ("optimizer.bin: unreadable: No such file or directory",)
 
@@ -473,7 +477,7 @@ def test_fifo_in_place_of_a_file_does_not_block(tmp_path: Path) -> None:
     os.mkfifo(folder / "scheduler.bin")
     os.utime(folder / "scheduler.bin", (T, T))
 
-    candidate = only(find_candidates(tmp_path, now=LATER))
+    candidate = only(sd_states(tmp_path, now=LATER))
 
     assert candidate.problems == ("scheduler.bin: not a regular file",)
 
@@ -491,7 +495,7 @@ def test_thousand_folders_among_ten_thousand_files_resolve_fast(tmp_path: Path) 
     now = time.time() + 60
 
     started = time.perf_counter()
-    candidates = find_candidates(tmp_path, now=now)
+    candidates = sd_states(tmp_path, now=now)
     elapsed = time.perf_counter() - started
 
     assert len(candidates) == 1000
@@ -503,7 +507,7 @@ def test_another_runs_final_state_is_never_chosen(tmp_path):
     """An end-of-training state of another output_name is rejected like our own."""
     write_state_folder(tmp_path / "other-lora-state", step=10, epoch=2, mtime=1000.0)
     write_state_folder(tmp_path / "my-lora-step00000004-state", step=4, epoch=1, mtime=500.0)
-    found = find_candidates(tmp_path, now=5000.0, settle_seconds=1, output_name="my-lora")
+    found = sd_states(tmp_path, now=5000.0, settle_seconds=1, output_name="my-lora")
     by_name = {candidate.path.name: candidate for candidate in found}
     assert by_name["other-lora-state"].kind == "final"
     assert not by_name["other-lora-state"].complete
@@ -529,7 +533,7 @@ def test_the_naming_is_the_trainers(tmp_path: Path) -> None:
     state(tmp_path, "my-lora-state", mtime=T)  # sd-scripts' final state: not refused here
     state(tmp_path, "logs")
 
-    candidates = find_candidates(tmp_path, now=LATER, naming=lambda _: _OtherTrainerNaming())
+    candidates = sd_states(tmp_path, now=LATER, naming=lambda _: _OtherTrainerNaming())
 
     assert [(c.path.name, c.kind, c.number, c.complete) for c in candidates] == [
         ("checkpoint-500", "step", 500, True),

@@ -13,6 +13,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ from sidecar.checkpoints.access import UnreadableFile, describe_denial
 from sidecar.checkpoints.choice import CheckpointUnreadable, NoCheckpointLeft, choose_resume_point
 from sidecar.checkpoints.scan import Candidate, find_candidates
 from sidecar.run.ledger import Ledger
+from sidecar.trainers.sd_scripts.state_naming import state_naming
+
+# The scan as sd-scripts' runs see it: its state folder names.
+sd_states = partial(find_candidates, naming=state_naming)
 
 T = 1_750_000_000.0
 LATER = T + 3600
@@ -88,7 +93,7 @@ def _exception_facts(error: Exception) -> dict[str, Any]:
 
 def scan_and_choose(output_dir: Path) -> Callable[[], Any]:
     def action() -> Any:
-        candidates = find_candidates(output_dir, now=LATER)
+        candidates = sd_states(output_dir, now=LATER)
         choice = choose_resume_point(candidates, Ledger(), allow_scratch=True)
         return choice.checkpoint.path if choice.checkpoint else choice.reason
 
@@ -178,7 +183,7 @@ def test_the_scan_reports_owner_and_mode_as_another_user(shared_dir: Path) -> No
     new = state(shared_dir, NEW, T)
     (new / "optimizer.bin").chmod(0)
 
-    candidate = as_other_user(lambda: find_candidates(shared_dir, now=LATER)[0])
+    candidate = as_other_user(lambda: sd_states(shared_dir, now=LATER)[0])
 
     assert candidate.problems == ("optimizer.bin: unreadable: Permission denied",)
     assert candidate.unreadable_only and not candidate.complete
@@ -208,7 +213,7 @@ def test_a_refused_open_is_recorded_with_owner_and_mode(
     new = state(tmp_path, NEW, T + 600)
     refuse(monkeypatch, new / "scheduler.bin")
 
-    candidates = find_candidates(tmp_path, now=LATER)
+    candidates = sd_states(tmp_path, now=LATER)
     with pytest.raises(CheckpointUnreadable) as raised:
         choose_resume_point(candidates, Ledger(), allow_scratch=True)
 
@@ -226,7 +231,7 @@ def test_other_errors_are_broken_files_not_refusals(tmp_path: Path) -> None:
     (folder / "optimizer.bin").unlink()
     (folder / "optimizer.bin").symlink_to(tmp_path / "gone.bin")
 
-    (candidate,) = find_candidates(tmp_path, now=LATER)
+    (candidate,) = sd_states(tmp_path, now=LATER)
 
     assert candidate.unreadable == () and not candidate.unreadable_only
     choice = choose_resume_point([candidate], Ledger(), allow_scratch=False)

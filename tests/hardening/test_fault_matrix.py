@@ -66,6 +66,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ from sidecar.run.locator import RunLocator
 from sidecar.simulator.fluxgym_tree import FluxgymTree, build_fluxgym_tree
 from sidecar.simulator.harness import event_time, sidecar_environment
 from sidecar.trainers.sd_scripts.progress_lines import parse_step
+from sidecar.trainers.sd_scripts.state_naming import state_naming
 from sidecar.trainers.shell.train_script import (
     parse_train_script,
     remove_option,
@@ -92,6 +94,9 @@ from sidecar.trainers.shell.train_script import (
 )
 from sidecar.watchdog import Watchdog
 from sidecar.wiring import build_restarter, loop_options_of
+
+# The scan as sd-scripts' runs see it: its state folder names.
+sd_states = partial(find_candidates, naming=state_naming)
 
 FREQUENT_SAVES = "--save_every_n_steps 6"  # states at steps 6, 12, 18, ...
 HANG_AT_STEP_20 = "hang_idle@step=20:once"
@@ -312,7 +317,7 @@ def wait_for_polls(heartbeat: Path, count: int, *, timeout: float = 30) -> None:
 
 def complete_checkpoints(output_dir: Path) -> set[str]:
     """Names of the complete state folders, judged as a stopped run's (no settling)."""
-    candidates = find_candidates(output_dir, now=time.time(), settle_seconds=0)
+    candidates = sd_states(output_dir, now=time.time(), settle_seconds=0)
     return {candidate.path.name for candidate in candidates if candidate.complete}
 
 

@@ -6,22 +6,53 @@ names, progress lines. :data:`SD_SCRIPTS` is all of it as one
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sidecar.checkpoints.file_checks import inspect_state_file
+from sidecar.checkpoints.scan import find_candidates
 from sidecar.decide.sections import Section
 from sidecar.observe.progress import TqdmBar
-from sidecar.trainers.base import ExpectedResume, LaunchCommand, ResumePosition, StartupReport
+from sidecar.trainers.base import (
+    ExpectedResume,
+    LaunchCommand,
+    ResumePosition,
+    RunLocation,
+    StartupReport,
+)
 from sidecar.trainers.sd_scripts import launch_script, position, progress_lines, sections
 from sidecar.trainers.sd_scripts import state_naming as naming
 from sidecar.trainers.shell import train_script
 from sidecar.trainers.shell.launch_processes import launch_process_count
 
 if TYPE_CHECKING:
+    from sidecar.checkpoints.file_memo import FileReportMemo
     from sidecar.checkpoints.scan import Candidate
     from sidecar.run.ledger import Ledger
 
 __all__ = ["SD_SCRIPTS", "SdScripts"]
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt")  # what --save_model_as may write
+# sd-scripts' training entry points (kohya-ss/sd-scripts, repository root): the LoRA ones
+# (`*train_network.py`), the full fine-tunes and the rest.
+_SCRIPT_NAME = re.compile(
+    r"(?:(?:sdxl|sd3|flux|lumina|hunyuan_image)_)?"
+    r"(?:train_network|train|train_db|fine_tune|train_textual_inversion|train_control_net"
+    r"|train_controlnet|train_control_net_lllite)\.py"
+)
+# Options only sd-scripts' argparse defines (train_util.add_training_arguments and friends).
+_OWN_OPTIONS = (
+    "--output_name",
+    "--save_state",
+    "--network_module",
+    "--dataset_config",
+    "--save_every_n_epochs",
+    "--max_train_epochs",
+    "--resume",
+    "--config_file",
+)
 
 
 class SdScripts:
@@ -29,8 +60,56 @@ class SdScripts:
 
     name = "sd-scripts"
 
+    def recognises(self, command: LaunchCommand) -> bool:
+        script = command.trainer_script.replace("\\", "/")
+        if "sd-scripts/" in script or "/sd_scripts/" in script:
+            return True
+        if _SCRIPT_NAME.fullmatch(script.rsplit("/", 1)[-1]) and "train_network" in script:
+            return True
+        return any(command.option(flag) is not None for flag in _OWN_OPTIONS)
+
+    def run_location(
+        self, command: LaunchCommand, sidecar_path: Callable[[str], Path]
+    ) -> RunLocation:
+        why = command.unresolved("output_dir")
+        output_dir = sidecar_path(command.output_dir) if command.output_dir and not why else None
+        # "last": sd-scripts' own default output_name (train_util.add_training_arguments).
+        return RunLocation(output_dir, command.output_name or "last", why_unknown=why)
+
     def state_naming(self, output_name: str | None) -> naming.SdScriptsStateNaming:
         return naming.state_naming(output_name)
+
+    def find_states(
+        self,
+        output_dir: Path,
+        *,
+        now: float,
+        settle_seconds: float,
+        output_name: str | None,
+        memo: FileReportMemo | None = None,
+    ) -> list[Candidate]:
+        return find_candidates(
+            output_dir,
+            now=now,
+            settle_seconds=settle_seconds,
+            output_name=output_name,
+            naming=naming.state_naming,
+            memo=memo,
+        )
+
+    def in_the_way(
+        self, candidates: Sequence[Candidate], chosen: Candidate | None
+    ) -> list[Candidate]:
+        return []  # --resume names the state: sd-scripts picks nothing by itself
+
+    def aside_path(self, state: Path, stamp: str) -> Path:
+        return state.with_name(f"{state.name}.incomplete-{stamp}")
+
+    def final_model_paths(self, output_dir: Path, output_name: str) -> Sequence[Path]:
+        return [output_dir / f"{output_name}{suffix}" for suffix in MODEL_SUFFIXES]
+
+    def resumed_state_step(self, state: Path) -> int | None:
+        return inspect_state_file(state / "train_state.json").step
 
     def step_bar(self, text: str) -> TqdmBar | None:
         return progress_lines.step_bar(text)

@@ -49,6 +49,11 @@ class TrainCommand:
     # (flag, why) for options whose value holds an expansion train.sh does not resolve.
     unknown_values: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The whole command: launcher and its arguments, the script, the trainer's arguments."""
+        return (*self.launcher_args, self.trainer_script, *self.trainer_args)
+
     def option(self, name: str) -> str | None:
         """Value of ``--name X`` or ``--name=X`` among the trainer's arguments (last one wins).
 
