@@ -43,8 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
-        "run", parents=[settings_flags], help="watch the run and recover it (the main loop)"
+    run = commands.add_parser(
+        "run",
+        parents=[settings_flags],
+        help="watch the run and recover it (the main loop); `run -- <command ...>` launches "
+        "and supervises that trainer command in process mode",
+    )
+    run.add_argument(
+        "launch_command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="the trainer command to launch and supervise (after --), instead of "
+        "SIDECAR_TRAIN_SCRIPT",
     )
     commands.add_parser(
         "check", parents=[settings_flags], help="show what the sidecar sees; non-zero on a problem"
@@ -53,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints", parents=[settings_flags], help="list checkpoint candidates and verdicts"
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument(
+        "--put-back",
+        metavar="NAME",
+        help="rename a state the sidecar set aside (its current name, as listed) back to "
+        "its own name; the trainer may then resume from it again",
+    )
     resume = commands.add_parser(
         "resume",
         parents=[settings_flags],

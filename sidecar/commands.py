@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -16,6 +18,7 @@ import structlog
 from sidecar import events
 from sidecar.checkpoints.choice import run_candidates
 from sidecar.checkpoints.scan import Candidate, choose_checkpoint
+from sidecar.checkpoints.set_aside import SetAsideError, put_back
 from sidecar.config import Settings
 from sidecar.log_setup import configure_logging, get_logger
 from sidecar.observe.gpu import NvmlGpuMonitor
@@ -23,7 +26,8 @@ from sidecar.observe.gpu_health import NvmlHealthProbe
 from sidecar.recover.health_gate import HealthGate
 from sidecar.recover.resume_point import ResumePointer
 from sidecar.run.abandon import AbandonMarker
-from sidecar.run.ledger import LedgerError, LedgerStore
+from sidecar.run.command_launch import prepare_command_run
+from sidecar.run.ledger import Ledger, LedgerError, LedgerStore, SetAside
 from sidecar.run.locator import RunLocator
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.surface.health import Heartbeat
@@ -41,6 +45,21 @@ _QUIET = structlog.wrap_logger(structlog.ReturnLogger(), processors=[])
 
 
 def run(settings: Settings, arguments: argparse.Namespace) -> int:
+    words = list(getattr(arguments, "launch_command", None) or [])
+    if words and words[0] == "--":
+        words = words[1:]
+    if words:
+        try:
+            settings = prepare_command_run(settings, words, cwd=Path.cwd())
+        except (RunSetupError, OSError) as error:
+            get_logger().error(events.CONFIGURATION_INVALID, reason=str(error))
+            return EXIT_USAGE
+    elif getattr(arguments, "launch_command", None):
+        get_logger().error(
+            events.CONFIGURATION_INVALID,
+            reason="`training-sidecar run --` needs the trainer command after `--`",
+        )
+        return EXIT_USAGE
     # Metrics, webhooks and the progress line watch the event stream from the first event.
     observability = Observability(settings)
     configure_logging(settings.log_format, settings.log_level, observers=observability.observers())
@@ -180,13 +199,69 @@ def checkpoints(settings: Settings, arguments: argparse.Namespace) -> int:
     paths = _locate_run(settings, sys.stderr)
     if paths is None:
         return EXIT_PROBLEM
+    try:
+        ledger = LedgerStore(paths.state_dir).load()
+    except LedgerError as error:
+        print(f"problem: {error}", file=sys.stderr)
+        return EXIT_PROBLEM
+    if getattr(arguments, "put_back", None):
+        return _put_back(paths, ledger, arguments.put_back)
     candidates = _candidates(settings, paths)
     chosen = choose_checkpoint(candidates)
+    aside = [moved for moved in ledger.set_aside if moved.put_back_at is None]
     if arguments.json:
-        print(json.dumps([_candidate_json(c, c == chosen) for c in candidates], indent=2))
+        listing = [_candidate_json(c, c == chosen) for c in candidates]
+        listing += [_aside_json(moved) for moved in aside]
+        print(json.dumps(listing, indent=2))
     else:
         _print_candidates(candidates, chosen)
+        _print_set_aside(aside)
     return 0
+
+
+def _put_back(paths: RunPaths, ledger: Ledger, name: str) -> int:
+    """Rename a set-aside state back, and record it (the trainer may pick it again)."""
+    for moved in ledger.set_aside:
+        if moved.put_back_at is None and Path(moved.moved_to).name == name:
+            try:
+                put_back(Path(moved.moved_to), Path(moved.original))
+            except SetAsideError as error:
+                print(f"problem: {error}", file=sys.stderr)
+                return EXIT_PROBLEM
+            moved.put_back_at = datetime.now(UTC).isoformat(timespec="seconds")
+            LedgerStore(paths.state_dir).save(ledger)
+            structlog.get_logger().info(
+                events.CHECKPOINT_PUT_BACK, checkpoint=moved.original, was=moved.moved_to
+            )
+            print(f"put back {moved.moved_to} as {moved.original}")
+            return 0
+    names = ", ".join(Path(m.moved_to).name for m in ledger.set_aside if m.put_back_at is None)
+    print(
+        f"problem: no state set aside as {name!r}; set aside now: {names or 'none'}",
+        file=sys.stderr,
+    )
+    return EXIT_PROBLEM
+
+
+def _print_set_aside(aside: list[SetAside]) -> None:
+    if not aside:
+        return
+    print(f"{'set aside:':<18} {len(aside)} incomplete state(s), renamed, never deleted")
+    for moved in aside:
+        print(f"     {Path(moved.moved_to).name:<40} was {Path(moved.original).name} ({moved.at})")
+        print(f"     {'':<40} {'; '.join(moved.problems) or 'incomplete'}")
+
+
+def _aside_json(moved: SetAside) -> dict[str, Any]:
+    return {
+        "path": moved.moved_to,
+        "set_aside": True,
+        "original": moved.original,
+        "at": moved.at,
+        "complete": False,
+        "problems": moved.problems,
+        "chosen": False,
+    }
 
 
 def resume(settings: Settings, arguments: argparse.Namespace) -> int:

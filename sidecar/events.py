@@ -26,6 +26,9 @@ TRAINER_STOPPED: Final = "trainer_stopped"
 STOPPING_TRAINER: Final = "stopping_trainer"
 CHECKPOINT_SELECTED: Final = "checkpoint_selected"
 CHECKPOINT_QUARANTINED: Final = "checkpoint_quarantined"
+CHECKPOINT_SET_ASIDE: Final = "checkpoint_set_aside"
+CHECKPOINT_NOT_SET_ASIDE: Final = "checkpoint_not_set_aside"
+CHECKPOINT_PUT_BACK: Final = "checkpoint_put_back"
 TRAIN_SCRIPT_REWRITTEN: Final = "train_script_rewritten"
 TRAIN_SCRIPT_NOT_UPDATED: Final = "train_script_not_updated"
 SAVE_CADENCE_ADDED: Final = "save_cadence_added"
@@ -105,6 +108,7 @@ CONTRACT: Final = (
     TRAINER_CRASHED,
     CHECKPOINT_SELECTED,
     CHECKPOINT_QUARANTINED,
+    CHECKPOINT_SET_ASIDE,
     TRAIN_SCRIPT_REWRITTEN,
     TRAINER_RESTARTED,
     RESTART_FAILED,

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sidecar import events
@@ -22,8 +23,9 @@ from sidecar.checkpoints.choice import (
 )
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.scan import Candidate, choose_checkpoint
+from sidecar.checkpoints.set_aside import SetAsideError, aside_stamp, move_state
 from sidecar.decide.run_boundary import written_by_this_run
-from sidecar.run.ledger import Ledger
+from sidecar.run.ledger import Ledger, SetAside
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.trainers import LaunchScriptError
 from sidecar.trainers.base import ResumePosition
@@ -88,6 +90,8 @@ class ResumePointer:
             after_failure=after_failure,
         )
         checkpoint = choice.checkpoint
+        if settle == 0.0:  # the trainer is stopped: nothing it writes can be moved under it
+            self.clear_the_way(candidates, checkpoint, choice.ledger, now=now)
         position = self.position_of(checkpoint, choice.ledger)
         self.log.info(
             events.CHECKPOINT_SELECTED,
@@ -163,7 +167,10 @@ class ResumePointer:
     def keep_current(self, ledger: Ledger, *, now: float, settle: float) -> None:
         """Point train.sh at the newest complete checkpoint if it names another one, so that
         a restart by anyone (the orchestrator after a crash, a person) resumes from it."""
-        newest = self.newest(ledger, now=now, settle=settle)
+        candidates = self.candidates(now=now, settle=settle)
+        newest = choose_checkpoint(candidates, exclude=ledger.quarantined)
+        if settle == 0.0:  # the trainer is stopped (an interruption): as at a recovery
+            self.clear_the_way(candidates, newest, ledger, now=now)
         if newest is None:
             return
         try:
@@ -177,6 +184,45 @@ class ResumePointer:
                 )
         except (RunSetupError, LaunchScriptError, OSError) as error:
             self.log.warning(events.RESUME_POINTER_NOT_UPDATED, reason=str(error))
+
+    def clear_the_way(
+        self, candidates: list[Candidate], chosen: Candidate | None, ledger: Ledger, *, now: float
+    ) -> list[SetAside]:
+        """Set aside (rename, never delete) each incomplete state the trainer's own "latest"
+        rule would take over ``chosen`` at its next start; recorded in ``ledger``. Only while
+        the trainer is stopped. A state that cannot be moved is logged and left: the next
+        start may then fail on it, as it would without the sidecar, and say so."""
+        moved: list[SetAside] = []
+        in_the_way = self.paths.trainer.in_the_way(
+            [c for c in candidates if _may_set_aside(c)], chosen
+        )
+        for state in in_the_way:
+            target = self.paths.trainer.aside_path(state.path, aside_stamp(now))
+            try:
+                move_state(state.path, target)
+            except SetAsideError as error:
+                self.log.warning(
+                    events.CHECKPOINT_NOT_SET_ASIDE, checkpoint=str(state.path), reason=str(error)
+                )
+                continue
+            record = SetAside(
+                original=str(state.path),
+                moved_to=str(target),
+                at=datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+                problems=list(state.problems),
+            )
+            ledger.set_aside.append(record)
+            moved.append(record)
+            self.log.warning(
+                events.CHECKPOINT_SET_ASIDE,
+                checkpoint=record.original,
+                moved_to=record.moved_to,
+                problems=record.problems,
+                reason=f"incomplete, and {self.paths.trainer.name} would resume from it "
+                "itself; renamed, not deleted (training-sidecar checkpoints --put-back "
+                f"{target.name} renames it back)",
+            )
+        return moved
 
     def resumed_checkpoint(self) -> str | None:
         """The checkpoint train.sh resumes from now (sidecar view), if it can be read."""
@@ -200,6 +246,12 @@ class ResumePointer:
                 reason=reason,
                 diff=self.paths.trainer.launch_script_diff(old, new, script),
             )
+
+
+def _may_set_aside(candidate: Candidate) -> bool:
+    """Only a state of this run that is readable and broken: an earlier run's states and
+    states the sidecar may not read (perhaps whole: the run's newest progress) stay put."""
+    return not (candidate.complete or candidate.unreadable or EARLIER_RUN in candidate.problems)
 
 
 def earlier_run_excluded(candidates: list[Candidate], started_at: float) -> list[Candidate]:

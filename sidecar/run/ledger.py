@@ -68,6 +68,18 @@ class Interruption:
 
 
 @dataclass
+class SetAside:
+    """An incomplete state the sidecar renamed so that the trainer's own "latest" rule
+    cannot pick it; never deleted, and put back by ``training-sidecar checkpoints --put-back``."""
+
+    original: str  # sidecar-view path it had
+    moved_to: str  # sidecar-view path it has now
+    at: str  # UTC time
+    problems: list[str] = field(default_factory=list)  # why it was not complete
+    put_back_at: str | None = None
+
+
+@dataclass
 class Ledger:
     recoveries: list[Recovery] = field(default_factory=list)
     resume_failures: dict[str, int] = field(default_factory=dict)
@@ -101,6 +113,10 @@ class Ledger:
     # reset" or "host needs attention" (recover/recovery.OutcomeKind).
     stopped_because: str | None = None
     remedies: list[str] = field(default_factory=list)  # hang classes whose remedy was applied
+    set_aside: list[SetAside] = field(default_factory=list)
+    # `training-sidecar run -- <command>`: the command as given, which the launch script
+    # the sidecar writes runs (with the trainer's resume arguments added on each relaunch).
+    command: list[str] | None = None
 
     @property
     def restarts(self) -> int:
@@ -197,6 +213,7 @@ class Ledger:
         data["interruptions"] = [
             _known(Interruption, item) for item in data.get("interruptions", [])
         ]
+        data["set_aside"] = [_known(SetAside, item) for item in data.get("set_aside", [])]
         return _known(cls, data)
 
 

@@ -61,6 +61,9 @@ class StatusReport:
     # Each time the sidecar or the machine went away while it trained, and how it came back.
     interruptions: list[dict[str, Any]] = field(default_factory=list)
     incidents: list[dict[str, Any]] = field(default_factory=list)
+    # Incomplete states renamed out of the trainer's way (still there, and restorable).
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    trainer: str = "sd-scripts"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -105,6 +108,8 @@ def build_status_report(
         incidents_dir=str(incidents_dir),
         incidents=[bundle_summary(folder) for folder in reversed(list_bundles(incidents_dir))],
         interruptions=[asdict(interruption) for interruption in ledger.interruptions],
+        set_aside=[asdict(moved) for moved in ledger.set_aside if moved.put_back_at is None],
+        trainer=paths.trainer.name,
     )
 
 
@@ -157,6 +162,9 @@ def render_text(report: StatusReport, now: float | None = None) -> str:
     lines.append(
         f"{'quarantined':<13}" + (", ".join(Path(p).name for p in report.quarantined) or "none")
     )
+    if report.set_aside:  # only trainers that resume from "the latest" themselves
+        names = ", ".join(Path(moved["moved_to"]).name for moved in report.set_aside)
+        lines.append(f"{'set aside':<13}{names} (incomplete; renamed, not deleted)")
     lines.append(_interruptions_text(report.interruptions))
     lines.append(f"{'incidents':<13}{len(report.incidents)} in {report.incidents_dir}")
     for incident in report.incidents:

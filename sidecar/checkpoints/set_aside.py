@@ -1,0 +1,49 @@
+"""Moving an incomplete state out of a trainer's way, and back: a rename, never a delete.
+
+Trainers that resume from "the latest" themselves (ai-toolkit, OneTrainer, HF Trainer's
+``get_last_checkpoint``, diffusers' ``latest``) pick it by number, name or creation time,
+with no completeness check: a state cut short by a kill mid-save fails every retry. The
+sidecar cannot tell them which state to load, so it makes the latest complete instead:
+each incomplete state the trainer would take is renamed beside itself under a name the
+trainer's own listing never matches (the trainer package chooses it). The state is
+evidence, and perhaps a user knows better: it stays on the volume, is listed by ``status``
+and ``checkpoints``, and ``checkpoints --put-back NAME`` renames it back.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+__all__ = ["SetAsideError", "aside_stamp", "move_state", "put_back"]
+
+
+class SetAsideError(OSError):
+    """A state could not be moved (or moved back); the message says which and why."""
+
+
+def aside_stamp(now: float) -> str:
+    """The UTC time a set-aside name carries: sortable, no characters a shell must quote."""
+    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def move_state(state: Path, target: Path) -> None:
+    """Rename ``state`` to ``target`` in the same folder, never over an existing entry."""
+    _rename(state, target, what="set aside")
+
+
+def put_back(moved: Path, original: Path) -> None:
+    """Rename a set-aside state back to its own name, unless that name is taken again."""
+    _rename(moved, original, what="put back")
+
+
+def _rename(source: Path, target: Path, *, what: str) -> None:
+    if source.parent != target.parent:
+        raise SetAsideError(f"cannot {what} {source}: {target} is not in the same folder")
+    if os.path.lexists(target):
+        raise SetAsideError(f"cannot {what} {source}: {target} exists; move one of the two by hand")
+    try:
+        os.rename(source, target)
+    except OSError as error:
+        raise SetAsideError(f"cannot {what} {source} as {target.name}: {error}") from None
