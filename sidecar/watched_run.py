@@ -80,7 +80,7 @@ class WatchedRun:
                     train_script=str(self.paths.train_script),
                     reason=boundary.reason,
                 )
-            ledger = Ledger()
+            ledger = Ledger(command=ledger.command)
         ledger.run_digest, ledger.run_started_at = seen.digest, boundary.started_at
         ledger.script_mtime_ns = seen.mtime_ns
         self.record.replace(ledger)
@@ -107,7 +107,11 @@ class WatchedRun:
             train_script=str(self.paths.train_script),
             reason=f"a trainer started after the recorded run {ended}",
         )
-        fresh = Ledger(run_digest=ledger.run_digest, script_mtime_ns=ledger.script_mtime_ns)
+        fresh = Ledger(
+            run_digest=ledger.run_digest,
+            script_mtime_ns=ledger.script_mtime_ns,
+            command=ledger.command,
+        )
         # After a completion (or an abandon) only what is written from now on is the new run's.
         after_end = ledger.completed or ledger.abandoned
         fresh.run_started_at = wall if after_end else ledger.run_started_at

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -65,7 +66,7 @@ def event_time(event: dict[str, Any]) -> float:
 def sidecar_environment(
     tree: FluxgymTree,
     *,
-    settings: dict[str, str] | None = None,
+    settings: dict[str, str | None] | None = None,
     simulation: dict[str, str] | None = None,
 ) -> dict[str, str]:
     return {
@@ -81,10 +82,12 @@ def sidecar_environment(
 def run_sidecar(
     tree: FluxgymTree,
     *,
-    settings: dict[str, str] | None = None,
+    settings: dict[str, str | None] | None = None,
     simulation: dict[str, str] | None = None,
     timeout: float = 90,
     command: str = "run",
+    arguments: Sequence[str] = (),
+    cwd: str | None = None,
 ) -> SidecarRun:
     """``python -m sidecar run`` as a real process on the tree, its JSON events parsed.
 
@@ -92,8 +95,15 @@ def run_sidecar(
     does not finish in time.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", command],
-        env=sidecar_environment(tree, settings=settings, simulation=simulation),
+        [sys.executable, "-m", "sidecar", command, *arguments],
+        env={
+            key: value
+            for key, value in sidecar_environment(
+                tree, settings=settings, simulation=simulation
+            ).items()
+            if value is not None
+        },
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
