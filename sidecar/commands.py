@@ -27,6 +27,7 @@ from sidecar.recover.health_gate import HealthGate
 from sidecar.recover.resume_point import ResumePointer
 from sidecar.run.abandon import AbandonMarker
 from sidecar.run.command_launch import prepare_command_run
+from sidecar.run.gui_take_over import take_over_gui_run
 from sidecar.run.ledger import Ledger, LedgerError, LedgerStore, SetAside
 from sidecar.run.locator import RunLocator
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
@@ -60,6 +61,16 @@ def run(settings: Settings, arguments: argparse.Namespace) -> int:
             reason="`training-sidecar run --` needs the trainer command after `--`",
         )
         return EXIT_USAGE
+    elif settings.follow == "kohya-gui" and settings.train_script is None:
+        stop_waiting, _ = _stop_on_signals()
+        try:
+            taken_over = take_over_gui_run(settings, stop_event=stop_waiting, log=get_logger())
+        except (RunSetupError, OSError) as error:
+            get_logger().error(events.CONFIGURATION_INVALID, reason=str(error))
+            return EXIT_USAGE
+        if taken_over is None:
+            return 0  # asked to stop while no run had started
+        settings = taken_over
     # Metrics, webhooks and the progress line watch the event stream from the first event.
     observability = Observability(settings)
     configure_logging(settings.log_format, settings.log_level, observers=observability.observers())

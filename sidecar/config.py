@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         "recognised as (kohya_ss GUI runs are sd-scripts; Axolotl, LLaMA-Factory and TRL "
         "are hf-trainer).",
     )
+    follow: Literal["off", "kohya-gui"] = Field(
+        "off",
+        description="kohya-gui: with no SIDECAR_TRAIN_SCRIPT, wait for the run the kohya_ss GUI "
+        "starts, capture its command line, working directory and environment into "
+        "<output>/.sidecar/kohya_gui_launch.sh, watch it, and after a stall or crash relaunch "
+        "that script with --resume (process mode).",
+    )
     output_dir: Path | None = Field(
         None,
         description="The run's output folder as the sidecar sees it; default: train.sh's "

@@ -22,7 +22,7 @@ from sidecar.checkpoints.scan import STILL_WRITTEN, Candidate
 from sidecar.decide.recovery_rules import RecoveryRules
 from sidecar.observe.log_follower import tail_text
 from sidecar.recover.resume_point import EARLIER_RUN, earlier_run_excluded
-from sidecar.run.ledger import Ledger, LedgerError, LedgerStore
+from sidecar.run.ledger import Ledger, LedgerError, LedgerStore, SetAside
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.surface.history import Mark, Sample
 from sidecar.surface.incidents import INCIDENTS_FOLDER, list_bundles
@@ -46,6 +46,7 @@ class CheckpointRow:
     step: int | None
     epoch: int | None
     # complete | still written | mixed | quarantined | incomplete | unreadable | earlier run
+    # | set aside
     verdict: str
     why: str  # the problems, or "" when complete
     completed_at: float | None
@@ -212,6 +213,7 @@ def build_model(sources: PageSources, now: float, scan: Scan | None = None) -> P
     if ledger.run_started_at is not None:
         candidates = earlier_run_excluded(candidates, ledger.run_started_at)
     rows = [_row(c, ledger.quarantined, resumes_from) for c in candidates]
+    rows += [_aside_row(moved) for moved in ledger.set_aside if moved.put_back_at is None]
     bundles = list_bundles(paths.state_dir / INCIDENTS_FOLDER)
     resumed_interruptions = sum(1 for i in ledger.interruptions if i.resumed_at is not None)
     return PageModel(
@@ -274,7 +276,7 @@ def _resume_pointer(paths: RunPaths, problems: list[str]) -> str | None:
     except RunSetupError as error:
         problems.append(str(error))
         return None
-    pointer = command.option("resume")
+    pointer = command.resume
     return paths.path_map.to_sidecar(pointer) if pointer else None
 
 
@@ -288,6 +290,21 @@ def _row(candidate: Candidate, quarantined: list[str], resumes_from: str | None)
         why="; ".join(candidate.problems),
         completed_at=candidate.completed_at,
         resumed=resumes_from is not None and Path(resumes_from) == candidate.path,
+    )
+
+
+def _aside_row(moved: SetAside) -> CheckpointRow:
+    """A state the sidecar renamed out of the trainer's way (still on the volume)."""
+    why = "; ".join(moved.problems) or "incomplete"
+    return CheckpointRow(
+        name=Path(moved.moved_to).name,
+        kind="set aside",
+        step=None,
+        epoch=None,
+        verdict="set aside",
+        why=f"was {Path(moved.original).name}: {why} (checkpoints --put-back renames it back)",
+        completed_at=None,
+        resumed=False,
     )
 
 

@@ -22,7 +22,13 @@ from sidecar.trainers.base import (
     RunLocation,
     StartupReport,
 )
-from sidecar.trainers.sd_scripts import launch_script, position, progress_lines, sections
+from sidecar.trainers.sd_scripts import (
+    config_file,
+    launch_script,
+    position,
+    progress_lines,
+    sections,
+)
 from sidecar.trainers.sd_scripts import state_naming as naming
 from sidecar.trainers.shell import train_script
 from sidecar.trainers.shell.launch_processes import launch_process_count
@@ -118,7 +124,15 @@ class SdScripts:
         return sections.section_at_end(text)
 
     def read_launch_script(self, text: str) -> train_script.TrainCommand:
-        return train_script.parse_train_script(text)
+        command = train_script.parse_train_script(text)
+        # The kohya_ss GUI's runs name a TOML with the options (command line beats it):
+        # read as sd-scripts reads it, where the path is absolute (a captured launch).
+        path = config_file.config_path(command.trainer_args)
+        if path is None or not Path(path).is_absolute():
+            return command
+        return config_file.effective_command(
+            command, config_file.read_config_text(path), source=path
+        )
 
     def rewritten_launch_script(
         self,
