@@ -23,7 +23,7 @@ def resume_problem(
     if report.resumed_from is None:
         return (
             f"the trainer started stepping without saying it loaded {expected.state} "
-            "(no 'resume training from local state' line)"
+            "(no line of its own that says it resumed)"
         )
     if _normal(report.resumed_from) != _normal(expected.state):
         return f"the trainer loaded {report.resumed_from}, not {expected.state}"

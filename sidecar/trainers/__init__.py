@@ -12,6 +12,7 @@ command is shared (``trainers.shell``); what its options mean is the trainer's.
 from __future__ import annotations
 
 from sidecar.trainers.base import LaunchCommand, LaunchScriptError, Trainer
+from sidecar.trainers.diffusers import DIFFUSERS
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
 
 AUTO = "auto"
 
-_TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (SD_SCRIPTS,)}
+_TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (SD_SCRIPTS, DIFFUSERS)}
 
 
 class UnknownTrainer(LaunchScriptError):
