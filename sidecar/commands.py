@@ -397,7 +397,9 @@ def _print_candidates(candidates: list[Candidate], chosen: Candidate | None) -> 
     print(f"{'checkpoints:':<18} {len(candidates)} candidate(s)")
     for candidate in candidates:
         mark = "->" if candidate == chosen else "  "
-        verdict = "complete" if candidate.complete else "; ".join(candidate.problems)
+        verdict = "; ".join(candidate.problems) or "complete"
+        if candidate.complete and candidate.problems:  # a note (ai-toolkit's lost optimizer)
+            verdict = f"complete; {verdict}"
         print(f"  {mark} {candidate.path.name:<40} {candidate.kind:<11} {verdict}")
 
 

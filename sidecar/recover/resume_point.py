@@ -99,6 +99,9 @@ class ResumePointer:
             reason=choice.reason,
             completed_at=checkpoint.completed_at if checkpoint else None,
             step=checkpoint.step if checkpoint else None,
+            # A complete state can still carry a note (ai-toolkit: its shared optimizer
+            # state was lost), which the log must say.
+            notes=list(checkpoint.problems) if checkpoint and checkpoint.problems else None,
             initial_step=position.initial_step,
             position=position.reason,
             rejected=_rejections(candidates, checkpoint),

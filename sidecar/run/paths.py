@@ -185,6 +185,8 @@ def _output_dir_from_script(location: RunLocation, script: Path) -> Path:
             f"{location.why_unknown}; write the path in train.sh (or assign the variable "
             "earlier in it) or set SIDECAR_OUTPUT_DIR"
         )
-    if location.output_dir is not None and location.output_dir.is_dir():
+    if location.output_dir is not None and (
+        location.made_by_trainer or location.output_dir.is_dir()
+    ):
         return location.output_dir
     return script.parent

@@ -78,6 +78,9 @@ class RunLocation:
     output_dir: Path | None  # where its states are; None: not known from the command
     output_name: str  # the name its final model and states carry ("" where none)
     why_unknown: str | None = None  # why output_dir cannot be known (a setting to name)
+    # The trainer makes output_dir at its start: it is the run's folder before it exists.
+    # False (sd-scripts under FluxGym): a folder not there yet falls back to the script's.
+    made_by_trainer: bool = True
 
 
 def _newer(value: _T | None, old: _T | None) -> _T | None:

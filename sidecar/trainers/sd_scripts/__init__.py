@@ -80,7 +80,9 @@ class SdScripts:
         why = command.unresolved("output_dir")
         output_dir = sidecar_path(command.output_dir) if command.output_dir and not why else None
         # "last": sd-scripts' own default output_name (train_util.add_training_arguments).
-        return RunLocation(output_dir, command.output_name or "last", why_unknown=why)
+        return RunLocation(
+            output_dir, command.output_name or "last", why_unknown=why, made_by_trainer=False
+        )
 
     def state_naming(self, output_name: str | None) -> naming.SdScriptsStateNaming:
         return naming.state_naming(output_name)
