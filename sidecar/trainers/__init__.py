@@ -11,6 +11,7 @@ command is shared (``trainers.shell``); what its options mean is the trainer's.
 
 from __future__ import annotations
 
+from sidecar.trainers.ai_toolkit import AI_TOOLKIT
 from sidecar.trainers.base import LaunchCommand, LaunchScriptError, Trainer
 from sidecar.trainers.diffusers import DIFFUSERS
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
@@ -29,7 +30,9 @@ __all__ = [
 
 AUTO = "auto"
 
-_TRAINERS: dict[str, Trainer] = {trainer.name: trainer for trainer in (SD_SCRIPTS, DIFFUSERS)}
+_TRAINERS: dict[str, Trainer] = {
+    trainer.name: trainer for trainer in (SD_SCRIPTS, DIFFUSERS, AI_TOOLKIT)
+}
 
 
 class UnknownTrainer(LaunchScriptError):
