@@ -56,8 +56,7 @@ def prepare_command_run(settings: Settings, words: Sequence[str], *, cwd: Path) 
         )
     text = launch_script_text(words)
     try:
-        command = parse_train_script(text)
-        trainer = trainer_for(settings.trainer, command)
+        trainer = trainer_for(settings.trainer, parse_train_script(text))
         command = trainer.read_launch_script(text)
     except LaunchScriptError as error:
         raise RunSetupError(f"command `{shlex.join(words)}`: {error}") from None

@@ -68,7 +68,8 @@ def sidecar_environment(
     *,
     settings: dict[str, str | None] | None = None,
     simulation: dict[str, str] | None = None,
-) -> dict[str, str]:
+) -> dict[str, str | None]:
+    """The sidecar's environment; a setting given as None is left out of it."""
     return {
         **os.environ,
         **tree.env({**FAST_SIMULATION, **(simulation or {})}),
