@@ -1,12 +1,14 @@
 """Finding the command in train.sh that bash will run as the trainer, and only that one.
 
-A command counts only when bash will run it as FluxGym's trainer: a launcher first
-(``accelerate``, ``python``, ``python3`` or a path to one, possibly after ``exec``, ``env``
-or ``FOO=1`` assignments), then a ``*.py`` script. Every word is read as bash reads it,
-variables included (``script_values``); a word whose value cannot be known is refused
-when the sidecar depends on it or when it could hide an option. Shapes that look like a
-trainer command but are not one to bash (CRLF line endings, a BOM, a command cut short by
-a comment or a blank after ``\\``) are named with their fix instead of being edited.
+A command counts only when bash will run it as the trainer: a launcher first
+(``accelerate``, ``torchrun``, ``python``, ``python3`` or a path to one, possibly after
+``exec``, ``env`` or ``FOO=1`` assignments), then a ``*.py`` script, or a module after
+``-m`` / a console-script entry point such as ``axolotl train`` (``entry_points``). Every
+word is read as bash reads it, variables included (``script_values``); a word whose value
+cannot be known is refused when the sidecar depends on it or when it could hide an option.
+Shapes that look like a trainer command but are not one to bash (CRLF line endings, a BOM,
+a command cut short by a comment or a blank after ``\\``) are named with their fix
+instead of being edited.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from sidecar.trainers.shell import entry_points
 from sidecar.trainers.shell.script_values import Variables, expand_word, is_assignment
 from sidecar.trainers.shell.script_words import (
     Command,
@@ -33,7 +36,7 @@ CRLF_FIX = "sed -i 's/\\r$//' train.sh"
 BOM_FIX = "sed -i '1s/^\\xEF\\xBB\\xBF//' train.sh"
 NUL_FIX = "tr -d '\\000' < train.sh > train.fixed && mv train.fixed train.sh"
 CP1252_FIX = "iconv -f cp1252 -t utf-8 train.sh > train.fixed && mv train.fixed train.sh"
-_LAUNCHER = re.compile(r"(?:.*/)?(?:accelerate|python|python3(?:\.[0-9]+)?)")
+_LAUNCHER = re.compile(r"(?:.*/)?(?:accelerate|torchrun|python|python3(?:\.[0-9]+)?)")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 # Words whose value the sidecar acts on: a guess here resumes from the wrong state.
 _DEPENDED_ON = ("--resume", "--output_name")
@@ -48,11 +51,15 @@ class TrainCommand:
     trainer_args: tuple[str, ...]
     # (flag, why) for options whose value holds an expansion train.sh does not resolve.
     unknown_values: tuple[tuple[str, str], ...] = ()
+    # The words ``trainer_script`` stands for where it is more than one: a console-script
+    # entry point and its subcommand (``("axolotl", "train")``, see ``entry_points``).
+    script_words: tuple[str, ...] = ()
 
     @property
     def words(self) -> tuple[str, ...]:
         """The whole command: launcher and its arguments, the script, the trainer's arguments."""
-        return (*self.launcher_args, self.trainer_script, *self.trainer_args)
+        script = self.script_words or (self.trainer_script,)
+        return (*self.launcher_args, *script, *self.trainer_args)
 
     def option(self, name: str) -> str | None:
         """Value of ``--name X`` or ``--name=X`` among the trainer's arguments (last one wins).
@@ -134,6 +141,7 @@ class Located:
     script: Arg
     args: tuple[Arg, ...]  # the trainer's arguments
     variables: Variables
+    script_words: tuple[str, ...] = ()  # an entry point's words (``script`` is the last)
 
     @property
     def command(self) -> TrainCommand:
@@ -149,6 +157,7 @@ class Located:
             launcher_args=tuple(arg.text for arg in self.head),
             trainer_args=texts,
             unknown_values=unknown,
+            script_words=self.script_words,
         )
 
     def why_unknown(self, index: int) -> str:
@@ -235,6 +244,8 @@ def _classify(text: str, command: Command, variables: Variables) -> _Found:
             f"line {line}: `{words[at - 1].text} {launcher}`: options of {words[at - 1].text} "
             "are not understood here; start the command with `FOO=1 accelerate launch ...`"
         )
+    if entry_points.entry_point_subcommands(launcher):
+        return _read_entry_point(text, command, at, variables)
     if not _LAUNCHER.fullmatch(launcher):
         return "orphan" if launcher.startswith("-") or launcher.endswith(".py") else None
     return _read_launch(text, command, at, variables)
@@ -255,8 +266,14 @@ def _read_launch(
             head.append(Arg(word.text, word, single=True, known=False))
             continue
         fields = expanded.fields
+        previous = head[-1].text if head else None
+        role = entry_points.module_role(previous, fields[0]) if fields else None
+        if role == "tool":
+            return None  # `python -m pip install ...`: not the trainer
         script_at = next((i for i, field in enumerate(fields) if field.endswith(".py")), None)
-        if script_at is None or position == at:
+        if role == "trainer" and len(fields) == 1 and position > at:
+            script_at = 0  # `-m pkg.train`: the module is the trainer script
+        if script_at is None or position == at or role == "launcher":
             head.extend(Arg(field, word, single=len(fields) == 1) for field in fields)
             continue
         if len(fields) != 1:
@@ -270,6 +287,25 @@ def _read_launch(
             return args
         return Located(text, command, tuple(head), script, args, variables)
     return doubt
+
+
+def _read_entry_point(
+    text: str, command: Command, at: int, variables: Variables
+) -> Located | TrainScriptError | None:
+    """``axolotl train cfg.yml ...``: the entry point and its training subcommand, then the
+    trainer's arguments; another subcommand is no trainer command."""
+    words = command.words
+    program = words[at].text
+    if at + 1 == len(words) or not words[at + 1].literal:
+        return None
+    subcommand = words[at + 1].text
+    if subcommand not in entry_points.entry_point_subcommands(program):
+        return None
+    script = Arg(f"{program} {subcommand}", words[at + 1], single=True)
+    args = _read_trainer_args(text, words[at + 2 :], variables)
+    if isinstance(args, TrainScriptError):
+        return args
+    return Located(text, command, (), script, args, variables, (program, subcommand))
 
 
 def _read_trainer_args(
