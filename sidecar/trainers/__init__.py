@@ -14,6 +14,7 @@ from __future__ import annotations
 from sidecar.trainers.ai_toolkit import AI_TOOLKIT
 from sidecar.trainers.base import LaunchCommand, LaunchScriptError, Trainer
 from sidecar.trainers.diffusers import DIFFUSERS
+from sidecar.trainers.hf_trainer import HF_TRAINER
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 AUTO = "auto"
 
 _TRAINERS: dict[str, Trainer] = {
-    trainer.name: trainer for trainer in (SD_SCRIPTS, DIFFUSERS, AI_TOOLKIT)
+    trainer.name: trainer for trainer in (SD_SCRIPTS, DIFFUSERS, AI_TOOLKIT, HF_TRAINER)
 }
 
 
