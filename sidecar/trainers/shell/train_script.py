@@ -93,8 +93,8 @@ def remove_option(text: str, flag: str) -> str:
     _check_flag(flag)
     located = locate(text)
     rewritten = text
-    for span in reversed(_occurrences(located, flag)):
-        rewritten = _remove_span(rewritten, span)
+    for span in reversed(option_spans(located, flag)):
+        rewritten = remove_span(rewritten, span)
     if rewritten != text:
         _verify_edit(located.command, rewritten, flag, expected=[])
     return rewritten
@@ -112,7 +112,7 @@ def ensure_option(text: str, flag: str, value: str | None = None) -> str:
         return text
     added = (flag,) if value is None else (flag, value)
     argument = flag if value is None else f"{flag} {quote_word(value)}"
-    rewritten = _insert_trainer_argument(text, located.script.word.end, argument)
+    rewritten = insert_trainer_argument(text, located.script.word.end, argument)
     if locate(rewritten).command.trainer_args != added + located.command.trainer_args:
         raise TrainScriptError(f"internal error: could not add {flag} to train.sh cleanly")
     return rewritten
@@ -152,14 +152,14 @@ def _check_resume_path(path: str) -> None:
 def _set(text: str, flag: str, value: str | None, *, what: str) -> str:
     replacement = flag if value is None else f"{flag} {quote_word(value, what=what)}"
     located = locate(text)
-    occurrences = _occurrences(located, flag)
+    occurrences = option_spans(located, flag)
     if not occurrences:
-        rewritten = _insert_trainer_argument(text, located.script.word.end, replacement)
+        rewritten = insert_trainer_argument(text, located.script.word.end, replacement)
     else:
         rewritten = text
         # Back to front, so that each splice leaves the earlier offsets valid.
         for extra in reversed(occurrences[1:]):
-            rewritten = _remove_span(rewritten, extra)
+            rewritten = remove_span(rewritten, extra)
         first = occurrences[0]
         if not first.matches(value):
             rewritten = rewritten[: first.start] + replacement + rewritten[first.end :]
@@ -174,7 +174,7 @@ def _set(text: str, flag: str, value: str | None, *, what: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Span:
+class OptionSpan:
     start: int  # offset of the flag word
     end: int  # offset past the value word (or the flag word when it has no value)
     value: str
@@ -185,7 +185,7 @@ class _Span:
         return self.bare if value is None else (not self.bare and self.value == value)
 
 
-def _occurrences(located: Located, flag: str) -> list[_Span]:
+def option_spans(located: Located, flag: str) -> list[OptionSpan]:
     """Each ``flag`` among the trainer's arguments as a span of text that can be cut.
 
     An occurrence that comes out of an expansion (``"${EXTRA[@]}"``, ``$ARGS``) has no
@@ -199,7 +199,7 @@ def _occurrences(located: Located, flag: str) -> list[_Span]:
             if not arg.single or (not arg.word.literal and arg.word is not last.word):
                 raise _inside_expansion(located, arg, flag)
         spans.append(
-            _Span(
+            OptionSpan(
                 start=first.word.start,
                 end=last.word.end,
                 value=found.value,
@@ -225,7 +225,7 @@ def _inside_expansion(located: Located, arg: Arg, flag: str) -> TrainScriptError
 # Splicing
 
 
-def _insert_trainer_argument(text: str, script_end: int, argument: str) -> str:
+def insert_trainer_argument(text: str, script_end: int, argument: str) -> str:
     """Insert ``argument`` as the first trainer argument, right after the ``*.py`` word."""
     probe = script_end
     while probe < len(text) and text[probe] in BLANKS:
@@ -241,7 +241,7 @@ def _insert_trainer_argument(text: str, script_end: int, argument: str) -> str:
     return f"{text[:script_end]} {argument}{text[script_end:]}"
 
 
-def _remove_span(text: str, option: _Span) -> str:
+def remove_span(text: str, option: OptionSpan) -> str:
     """Cut one option with the blanks that separated it from its neighbours.
 
     When the option was alone on a continuation line, the whole line goes, so a
