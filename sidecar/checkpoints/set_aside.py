@@ -29,7 +29,7 @@ def aside_stamp(now: float) -> str:
 
 
 def move_state(state: Path, target: Path) -> None:
-    """Rename ``state`` to ``target`` in the same folder, never over an existing entry."""
+    """Rename ``state`` to ``target`` (beside it, or one folder up), never over an entry."""
     _rename(state, target, what="set aside")
 
 
@@ -39,8 +39,12 @@ def put_back(moved: Path, original: Path) -> None:
 
 
 def _rename(source: Path, target: Path, *, what: str) -> None:
-    if source.parent != target.parent:
-        raise SetAsideError(f"cannot {what} {source}: {target} is not in the same folder")
+    # Beside it, or one folder up where a trainer lists every folder of its own one
+    # (OneTrainer's backup/): in sight of the trainer's user, on the same filesystem.
+    if not {source.parent, source.parent.parent} & {target.parent, target.parent.parent}:
+        raise SetAsideError(
+            f"cannot {what} {source}: {target} is neither beside it nor one folder up"
+        )
     if os.path.lexists(target):
         raise SetAsideError(f"cannot {what} {source}: {target} exists; move one of the two by hand")
     try:

@@ -31,7 +31,7 @@ from sidecar.trainers import LaunchScriptError
 from sidecar.trainers.base import ResumePosition
 
 EARLIER_RUN = "written by an earlier run of this name"
-SAVE_STATE_REASON = "added --save_state: without it sd-scripts writes nothing resumable"
+SAVE_STATE_REASON = "made the trainer save resumable state: without it nothing is resumable"
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ class ResumePointer:
         start may then fail on it, as it would without the sidecar, and say so."""
         moved: list[SetAside] = []
         in_the_way = self.paths.trainer.in_the_way(
-            [c for c in candidates if _may_set_aside(c)], chosen
+            [c for c in candidates if _may_set_aside(c, ledger.quarantined)], chosen
         )
         for state in in_the_way:
             target = self.paths.trainer.aside_path(state.path, aside_stamp(now))
@@ -251,10 +251,13 @@ class ResumePointer:
             )
 
 
-def _may_set_aside(candidate: Candidate) -> bool:
-    """Only a state of this run that is readable and broken: an earlier run's states and
-    states the sidecar may not read (perhaps whole: the run's newest progress) stay put."""
-    return not (candidate.complete or candidate.unreadable or EARLIER_RUN in candidate.problems)
+def _may_set_aside(candidate: Candidate, quarantined: list[str]) -> bool:
+    """Only a state of this run that is readable and broken (incomplete, or quarantined:
+    resuming from it failed twice): an earlier run's states and states the sidecar may not
+    read (perhaps whole: the run's newest progress) stay put."""
+    if candidate.unreadable or EARLIER_RUN in candidate.problems:
+        return False
+    return not candidate.complete or str(candidate.path) in quarantined
 
 
 def earlier_run_excluded(candidates: list[Candidate], started_at: float) -> list[Candidate]:

@@ -40,13 +40,19 @@ def test_put_back_refuses_when_the_name_was_taken_again(tmp_path):
     assert moved.is_dir()
 
 
-def test_a_state_is_only_moved_within_its_folder(tmp_path):
-    """Out of the folder would be out of sight of the trainer's user: refused."""
-    state = tmp_path / "checkpoint-30"
-    state.mkdir()
+def test_a_state_is_moved_beside_itself_or_one_folder_up_only(tmp_path):
+    """One folder up (out of OneTrainer's backup/) is allowed, and back; elsewhere is not."""
+    backups = tmp_path / "workspace" / "backup"
+    state = backups / "2026-12-01_20-00-00-backup-30-1-2"
+    state.mkdir(parents=True)
+    up = tmp_path / "workspace" / f"{state.name}.incomplete-{aside_stamp(0)}"
+    move_state(state, up)
+    put_back(up, state)
+    assert state.is_dir() and not up.exists()
     (tmp_path / "elsewhere").mkdir()
-    with pytest.raises(SetAsideError, match="not in the same folder"):
-        move_state(state, tmp_path / "elsewhere" / "checkpoint-30")
+    with pytest.raises(SetAsideError, match="neither beside it nor one folder up"):
+        move_state(state, tmp_path / "elsewhere" / state.name)
+    assert state.is_dir()
 
 
 def test_the_stamp_is_utc_and_sortable():
