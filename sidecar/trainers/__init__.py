@@ -15,6 +15,7 @@ from sidecar.trainers.ai_toolkit import AI_TOOLKIT
 from sidecar.trainers.base import LaunchCommand, LaunchScriptError, Trainer
 from sidecar.trainers.diffusers import DIFFUSERS
 from sidecar.trainers.hf_trainer import HF_TRAINER
+from sidecar.trainers.onetrainer import ONETRAINER
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 AUTO = "auto"
 
 _TRAINERS: dict[str, Trainer] = {
-    trainer.name: trainer for trainer in (SD_SCRIPTS, DIFFUSERS, AI_TOOLKIT, HF_TRAINER)
+    trainer.name: trainer for trainer in (SD_SCRIPTS, HF_TRAINER, DIFFUSERS, AI_TOOLKIT, ONETRAINER)
 }
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from sidecar.config import TrainerName
 from sidecar.trainers import LaunchScriptError, trainer_named, trainer_names
 from sidecar.trainers.sd_scripts import SD_SCRIPTS
 from sidecar.trainers.shell.train_script import TrainScriptError
@@ -20,12 +22,20 @@ SCRIPT = (
 
 def test_sd_scripts_is_found_by_name() -> None:
     assert trainer_named("sd-scripts") is SD_SCRIPTS
-    assert trainer_names() == ("sd-scripts",)
+
+
+def test_every_trainer_setting_value_names_one_package() -> None:
+    """SIDECAR_TRAINER's values are exactly auto and the registered trainers."""
+    values = set(get_args(TrainerName))
+    assert values == {"auto", *trainer_names()}
+    assert trainer_names() == ("ai-toolkit", "diffusers", "hf-trainer", "onetrainer", "sd-scripts")
+    for name in trainer_names():
+        assert trainer_named(name).name == name
 
 
 def test_an_unknown_trainer_names_the_known_ones() -> None:
-    with pytest.raises(KeyError, match="known: sd-scripts"):
-        trainer_named("onetrainer")
+    with pytest.raises(KeyError, match="known: ai-toolkit, diffusers, hf-trainer"):
+        trainer_named("axolotl")
 
 
 def test_sd_scripts_reads_its_names_and_its_step_bar() -> None:
