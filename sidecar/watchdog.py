@@ -466,7 +466,7 @@ class Watchdog:
             return
         try:
             choice = run.pointer.choose_and_point(
-                run.record.ledger, now=wall, settle=0.0, after_failure=False
+                run.record.ledger, now=wall, settle=0.0, after_failure=False, trainer_stopped=True
             )
             run.record.ledger = choice.ledger
             run.record.save()

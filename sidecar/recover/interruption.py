@@ -42,7 +42,7 @@ class Interruptions:
         state now, for whoever starts it next (a replacement pod's trainer)."""
         ledger = run.record.ledger
         if trainer_gone:
-            run.pointer.keep_current(ledger, now=at, settle=0.0)
+            run.pointer.keep_current(ledger, now=at, settle=0.0, trainer_stopped=True)
         newest = run.pointer.newest(ledger, now=at, settle=0.0)
         ledger.record_interruption(
             Interruption(
@@ -109,7 +109,7 @@ class Interruptions:
         if plan.plan is Plan.AWAIT_TRAINER and not trainer_running:
             # The orchestrator starts it (a replacement pod's trainer, after this sidecar's
             # startup probe): from the newest state, also one completed just before the end.
-            run.pointer.keep_current(ledger, now=wall, settle=0.0)
+            run.pointer.keep_current(ledger, now=wall, settle=0.0, trainer_stopped=True)
         if plan.plan is Plan.LEAVE:
             self.log.info(
                 events.INTERRUPTION_NOT_RESUMED,

@@ -15,7 +15,7 @@ from typing import Any
 
 from sidecar import events
 from sidecar.checkpoints.choice import NoCheckpointLeft
-from sidecar.decide.decision import Verdict
+from sidecar.decide.decision import Verdict, VerdictKind
 from sidecar.decide.health_gate import Gate
 from sidecar.decide.recovery_rules import (
     RecoveryRules,
@@ -94,7 +94,12 @@ class Recovery:
         failed_from = failed.resumed_from if failed else None
         previous_completed_at = record.ledger.current_checkpoint_completed_at
         try:
-            choice = pointer.choose_and_point(record.ledger, now=wall, settle=0.0)
+            # Stopped by now, or gone by itself; a stalled one that a rewrite-first restarter
+            # stops later may still be writing: nothing is set aside under it.
+            known_stopped = restarter.stop_before_rewrite or verdict.kind is VerdictKind.CRASH
+            choice = pointer.choose_and_point(
+                record.ledger, now=wall, settle=0.0, trainer_stopped=known_stopped
+            )
         except NoCheckpointLeft as error:
             record.ledger = error.ledger  # giving up: keep the quarantine that led to it
             self.log.error(events.RESTART_FAILED, reason=str(error))
@@ -150,7 +155,9 @@ class Recovery:
         """A trainer that exited by itself just before the sidecar was stopped: count it as
         the crash recovery it would have been, and point train.sh for the next start."""
         try:
-            choice = pointer.choose_and_point(record.ledger, now=wall, settle=0.0)
+            choice = pointer.choose_and_point(
+                record.ledger, now=wall, settle=0.0, trainer_stopped=True
+            )
         except (NoCheckpointLeft, LaunchScriptError, OSError) as error:
             self.log.error(events.RESTART_FAILED, reason=str(error))
             return

@@ -73,7 +73,13 @@ class ResumePointer:
         return earlier_run_excluded(found, started_at)
 
     def choose_and_point(
-        self, ledger: Ledger, *, now: float, settle: float, after_failure: bool = True
+        self,
+        ledger: Ledger,
+        *,
+        now: float,
+        settle: float,
+        after_failure: bool = True,
+        trainer_stopped: bool = False,
     ) -> ResumeChoice:
         """Resolve the checkpoint and rewrite train.sh; the choice carries the new ledger.
 
@@ -90,7 +96,7 @@ class ResumePointer:
             after_failure=after_failure,
         )
         checkpoint = choice.checkpoint
-        if settle == 0.0:  # the trainer is stopped: nothing it writes can be moved under it
+        if trainer_stopped:  # nothing it writes can be moved under it
             self.clear_the_way(candidates, checkpoint, choice.ledger, now=now)
         position = self.position_of(checkpoint, choice.ledger)
         self.log.info(
@@ -167,12 +173,14 @@ class ResumePointer:
         )
         return self.paths.trainer.launch_script_diff(old, new, self.paths.train_script, context=1)
 
-    def keep_current(self, ledger: Ledger, *, now: float, settle: float) -> None:
+    def keep_current(
+        self, ledger: Ledger, *, now: float, settle: float, trainer_stopped: bool = False
+    ) -> None:
         """Point train.sh at the newest complete checkpoint if it names another one, so that
         a restart by anyone (the orchestrator after a crash, a person) resumes from it."""
         candidates = self.candidates(now=now, settle=settle)
         newest = choose_checkpoint(candidates, exclude=ledger.quarantined)
-        if settle == 0.0:  # the trainer is stopped (an interruption): as at a recovery
+        if trainer_stopped:  # no trainer runs (an interruption): as at a recovery
             self.clear_the_way(candidates, newest, ledger, now=now)
         if newest is None:
             return
@@ -193,9 +201,13 @@ class ResumePointer:
     ) -> list[SetAside]:
         """Set aside (rename, never delete) each incomplete state the trainer's own "latest"
         rule would take over ``chosen`` at its next start; recorded in ``ledger``. Only while
-        the trainer is stopped. A state that cannot be moved is logged and left: the next
-        start may then fail on it, as it would without the sidecar, and say so."""
+        the trainer is stopped (the caller knows: a settle time of 0 alone does not say it),
+        and only when there is a state to resume from instead. A state that cannot be moved
+        is logged and left: the next start may then fail on it, as it would without the
+        sidecar, and say so."""
         moved: list[SetAside] = []
+        if chosen is None:
+            return moved  # nothing better to resume from: hide nothing from the trainer
         in_the_way = self.paths.trainer.in_the_way(
             [c for c in candidates if _may_set_aside(c, ledger.quarantined)], chosen
         )
