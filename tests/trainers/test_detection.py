@@ -33,7 +33,24 @@ COMMANDS = [
         "--output_dir out",
         "sd-scripts",
     ),
+    # FluxGym's advanced options come from sd-scripts' parser: some share HF's names.
+    (
+        "accelerate launch sd-scripts/flux_train_network.py --output_dir /o "
+        "--lr_scheduler_type CosineAnnealingLR --learning_rate 1e-4",
+        "sd-scripts",
+    ),
+    # sd-scripts' full fine-tunes, by their own names.
+    ("accelerate launch sdxl_train.py --output_dir o --max_train_steps 10", "sd-scripts"),
     # HF Trainer scripts (transformers examples), TRL, Axolotl, LLaMA-Factory.
+    (
+        "trl sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name d --output_dir out",
+        "hf-trainer",
+    ),
+    (
+        "deepspeed train.py --deepspeed ds_config.json --output_dir out "
+        "--per_device_train_batch_size 1",
+        "hf-trainer",
+    ),
     (
         "python run_clm.py --model_name_or_path gpt2 --output_dir out --do_train "
         "--per_device_train_batch_size 8 --save_steps 500",

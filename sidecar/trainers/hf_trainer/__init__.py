@@ -54,7 +54,6 @@ _OWN_OPTIONS = tuple(
         "overwrite_output_dir",
         "do_train",
         "max_steps",
-        "lr_scheduler_type",
         "use_cpu",
     )
     for spelling in (f"--{name}", f"--{name.replace('_', '-')}")
@@ -79,7 +78,7 @@ class HfTrainer:
 
     def recognises(self, command: LaunchCommand) -> bool:
         script = command.trainer_script
-        if script in ("axolotl train", "llamafactory-cli train"):
+        if script in ("axolotl train", "llamafactory-cli train") or script.startswith("trl "):
             return True
         if script.startswith("axolotl.cli") or script.startswith("llamafactory."):
             return True

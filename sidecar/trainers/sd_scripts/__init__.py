@@ -70,7 +70,10 @@ class SdScripts:
         script = command.trainer_script.replace("\\", "/")
         if "sd-scripts/" in script or "/sd_scripts/" in script:
             return True
-        if _SCRIPT_NAME.fullmatch(script.rsplit("/", 1)[-1]) and "train_network" in script:
+        name = script.rsplit("/", 1)[-1]
+        # Its entry points by name, but for the two names that are anyone's (`train.py`, and
+        # diffusers' `train_controlnet.py`): those need one of its own options.
+        if _SCRIPT_NAME.fullmatch(name) and name not in ("train.py", "train_controlnet.py"):
             return True
         return any(command.option(flag) is not None for flag in _OWN_OPTIONS)
 

@@ -13,7 +13,8 @@ its trainer as
   launcher, and the trainer script comes after its own options;
 - a console-script entry point with a ``train`` subcommand: ``axolotl train cfg.yml ...``
   (axolotl's ``cli/main.py``, a click group) and ``llamafactory-cli train cfg.yaml ...``
-  (LLaMA-Factory's ``cli.py``). The command's ``trainer_script`` is the two words joined by
+  (LLaMA-Factory's ``cli.py``), and TRL's ``trl sft|dpo|grpo|kto|reward|rloo ...``. The
+  command's ``trainer_script`` is the two words joined by
   one space (``"axolotl train"``), ``launcher_args`` is empty, ``script_words`` holds the
   two words, and the trainer's arguments are what follows the subcommand. Another
   subcommand (``axolotl preprocess``, ``llamafactory-cli export``) is no trainer command.
@@ -47,6 +48,8 @@ LAUNCHER_MODULES = (
 ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "axolotl": ("train",),
     "llamafactory-cli": ("train",),
+    # TRL's console script (trl/cli.py): each trainer a subcommand, TrainingArguments' flags.
+    "trl": ("sft", "dpo", "grpo", "kto", "reward", "rloo"),
 }
 # Modules python runs as tools, never as the trainer (their top-level package).
 _TOOL_PACKAGES = frozenset(

@@ -36,7 +36,7 @@ CRLF_FIX = "sed -i 's/\\r$//' train.sh"
 BOM_FIX = "sed -i '1s/^\\xEF\\xBB\\xBF//' train.sh"
 NUL_FIX = "tr -d '\\000' < train.sh > train.fixed && mv train.fixed train.sh"
 CP1252_FIX = "iconv -f cp1252 -t utf-8 train.sh > train.fixed && mv train.fixed train.sh"
-_LAUNCHER = re.compile(r"(?:.*/)?(?:accelerate|torchrun|python|python3(?:\.[0-9]+)?)")
+_LAUNCHER = re.compile(r"(?:.*/)?(?:accelerate|torchrun|deepspeed|python|python3(?:\.[0-9]+)?)")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 # Words whose value the sidecar acts on: a guess here resumes from the wrong state.
 _DEPENDED_ON = ("--resume", "--output_name")
