@@ -31,7 +31,10 @@ from sidecar.trainers import LaunchScriptError
 from sidecar.trainers.base import ResumePosition
 
 EARLIER_RUN = "written by an earlier run of this name"
-SAVE_STATE_REASON = "made the trainer save resumable state: without it nothing is resumable"
+SAVE_STATE_REASON = (
+    "made the trainer save resumable state (sd-scripts: added --save_state): without it "
+    "nothing is resumable"
+)
 
 
 @dataclass(frozen=True)
