@@ -30,6 +30,7 @@ from sidecar.run.command_launch import prepare_command_run
 from sidecar.run.gui_take_over import take_over_gui_run
 from sidecar.run.ledger import Ledger, LedgerError, LedgerStore, SetAside
 from sidecar.run.locator import RunLocator
+from sidecar.run.lock import RunLock, RunLockHeld
 from sidecar.run.paths import RunPaths, RunSetupError, read_train_script
 from sidecar.surface.health import Heartbeat
 from sidecar.surface.http_server import probe
@@ -231,7 +232,21 @@ def checkpoints(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def _put_back(paths: RunPaths, ledger: Ledger, name: str) -> int:
-    """Rename a set-aside state back, and record it (the trainer may pick it again)."""
+    """Rename a set-aside state back, and record it (the trainer may pick it again); not
+    while a sidecar supervises the run (it keeps its own ledger, and may set it aside again)."""
+    lock = RunLock(paths.state_dir)
+    try:
+        lock.acquire()
+    except RunLockHeld as error:
+        print(f"problem: {error}: stop it first, then put the state back", file=sys.stderr)
+        return EXIT_PROBLEM
+    try:
+        return _put_back_unsupervised(paths, ledger, name)
+    finally:
+        lock.release()
+
+
+def _put_back_unsupervised(paths: RunPaths, ledger: Ledger, name: str) -> int:
     for moved in ledger.set_aside:
         if moved.put_back_at is None and Path(moved.moved_to).name == name:
             try:

@@ -104,3 +104,38 @@ def test_a_command_hangs_and_is_resumed_from_its_launch_script(fluxgym):
     ledger = json.loads((tree.output_dir / ".sidecar" / "state.json").read_text())
     assert ledger["command"] == words
     assert Path(tree.output_dir / "my-lora.safetensors").is_file()
+
+
+def test_leading_assignments_set_the_commands_environment(tmp_path):
+    """`run -- FOO=1 python ...` runs as a shell would: FOO in the trainer's environment."""
+    text = launch_script_text(["FOO=1", "B=x y", "python", "train.py", "--output_dir", "o"])
+    assert text.splitlines()[-1] == "exec env FOO=1 'B=x y' python train.py --output_dir o"
+    assert list(parse_train_script(text).words) == ["python", "train.py", "--output_dir", "o"]
+    with pytest.raises(RunSetupError, match="needs a command after its NAME=value"):
+        launch_script_text(["FOO=1"])
+
+
+def test_a_command_and_a_train_script_together_are_refused(tmp_path):
+    """Two launches named at once: the error says to give one."""
+    settings = load_settings({"train_script": str(tmp_path / "train.sh")})
+    with pytest.raises(RunSetupError, match="give one of the two"):
+        prepare_command_run(settings, ["python", "sd-scripts/train_network.py"], cwd=tmp_path)
+
+
+def test_a_supervised_output_folder_keeps_its_command(tmp_path):
+    """While another sidecar holds the run's lock, its launch script is not replaced."""
+    from sidecar.run.lock import RunLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    words = ["python", "sd-scripts/train_network.py", "--output_dir", str(out)]
+    script = prepare_command_run(load_settings({}), words, cwd=tmp_path).train_script
+    before = script.read_text()
+    held = RunLock(out / ".sidecar")
+    held.acquire()
+    try:
+        with pytest.raises(RunSetupError, match="already supervises"):
+            prepare_command_run(load_settings({}), [*words, "--save_state"], cwd=tmp_path)
+    finally:
+        held.release()
+    assert script.read_text() == before

@@ -12,6 +12,8 @@ and ``checkpoints``, and ``checkpoints --put-back NAME`` renames it back.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,9 +47,44 @@ def _rename(source: Path, target: Path, *, what: str) -> None:
         raise SetAsideError(
             f"cannot {what} {source}: {target} is neither beside it nor one folder up"
         )
-    if os.path.lexists(target):
-        raise SetAsideError(f"cannot {what} {source}: {target} exists; move one of the two by hand")
     try:
-        os.rename(source, target)
+        _rename_no_replace(source, target)
+    except FileExistsError:
+        raise SetAsideError(
+            f"cannot {what} {source}: {target} exists; move one of the two by hand"
+        ) from None
     except OSError as error:
         raise SetAsideError(f"cannot {what} {source} as {target.name}: {error}") from None
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """rename(2) that fails rather than replace ``target`` (a file, or an empty folder the
+    trainer just made): renameat2's RENAME_NOREPLACE where the kernel and filesystem have
+    it, else a look first (a narrow race, only where renameat2 is missing)."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is not None:
+        result = renameat2(
+            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+        )
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: not on this filesystem
+            raise OSError(code, os.strerror(code), str(source), None, str(target))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()

@@ -10,6 +10,7 @@ command keeps that script, with the resume it holds; another command replaces it
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from sidecar.atomic_files import read_text_exact, replace_atomically
 from sidecar.config import Settings
 from sidecar.run.ledger import LedgerError, LedgerStore
+from sidecar.run.lock import RunLock, RunLockHeld
 from sidecar.run.paths import RunSetupError, check_write_scope
 from sidecar.trainers import LaunchScriptError, Trainer, trainer_for
 from sidecar.trainers.shell.train_script import parse_train_script
@@ -24,6 +26,7 @@ from sidecar.trainers.shell.train_script import parse_train_script
 __all__ = ["LAUNCH_SCRIPT", "launch_script_text", "prepare_command_run"]
 
 LAUNCH_SCRIPT = "launch.sh"
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 
 _HEADER = """#!/usr/bin/env bash
 # Written by `training-sidecar run -- <command>` (the command as given is also in
@@ -33,7 +36,8 @@ _HEADER = """#!/usr/bin/env bash
 
 
 def launch_script_text(words: Sequence[str]) -> str:
-    """The launch script that runs ``words`` (one command, every word quoted for bash)."""
+    """The launch script that runs ``words`` (one command, every word quoted for bash);
+    leading ``NAME=value`` words set the command's environment, as in a shell."""
     if not words:
         raise RunSetupError("`training-sidecar run --` needs a command after `--`")
     for word in words:
@@ -41,13 +45,24 @@ def launch_script_text(words: Sequence[str]) -> str:
             raise RunSetupError(
                 f"command word {word!r} holds a newline or NUL; a launch script cannot run it"
             )
-    return _HEADER + "exec " + " ".join(shlex.quote(word) for word in words) + "\n"
+    assignments = 0
+    while assignments < len(words) and _ASSIGNMENT.fullmatch(words[assignments]):
+        assignments += 1
+    if assignments == len(words):
+        raise RunSetupError("`training-sidecar run --` needs a command after its NAME=value words")
+    quoted = " ".join(shlex.quote(word) for word in words)
+    return _HEADER + ("exec env " if assignments else "exec ") + quoted + "\n"
 
 
 def prepare_command_run(settings: Settings, words: Sequence[str], *, cwd: Path) -> Settings:
     """Write (or keep) the launch script of ``words`` and return the settings that run it:
     process mode, that script, the command's working directory and its output folder.
     RunSetupError says what is missing (e.g. an output folder the command does not name)."""
+    if settings.train_script is not None:
+        raise RunSetupError(
+            "`training-sidecar run -- <command>` writes its own launch script; "
+            f"SIDECAR_TRAIN_SCRIPT={settings.train_script} names another: give one of the two"
+        )
     if "restart_mode" in settings.model_fields_set and settings.restart_mode != "process":
         raise RunSetupError(
             f"`training-sidecar run -- <command>` launches the command itself (process mode); "
@@ -79,6 +94,7 @@ def prepare_command_run(settings: Settings, words: Sequence[str], *, cwd: Path) 
     check_write_scope(output_dir)
     state_dir = (settings.state_dir or output_dir / ".sidecar").absolute()
     script = state_dir / LAUNCH_SCRIPT
+    _refuse_while_supervised(state_dir)
     _write_unless_same_run(script, text, trainer)
     _remember(state_dir, list(words))
     return settings.model_copy(
@@ -91,6 +107,16 @@ def prepare_command_run(settings: Settings, words: Sequence[str], *, cwd: Path) 
             "trainer": trainer.name,
         }
     )
+
+
+def _refuse_while_supervised(state_dir: Path) -> None:
+    """Another sidecar supervising this output folder keeps its command and launch script."""
+    lock = RunLock(state_dir)
+    try:
+        lock.acquire()
+    except RunLockHeld as error:
+        raise RunSetupError(f"{error}: stop it before starting another command there") from None
+    lock.release()
 
 
 def _write_unless_same_run(script: Path, text: str, trainer: Trainer) -> None:

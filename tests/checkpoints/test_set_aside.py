@@ -58,3 +58,22 @@ def test_a_state_is_moved_beside_itself_or_one_folder_up_only(tmp_path):
 def test_the_stamp_is_utc_and_sortable():
     """2026-12-01 20:30:05 UTC reads as it is, with nothing a shell must quote."""
     assert aside_stamp(1796157005.0) == "20261201T203005Z"
+
+
+def test_an_empty_folder_or_a_file_under_the_name_is_not_replaced(tmp_path):
+    """rename(2) would silently replace an empty folder or a file: refused instead."""
+    state = tmp_path / "checkpoint-30"
+    state.mkdir()
+    (state / "optimizer.pt").write_bytes(b"half")
+    empty = tmp_path / "incomplete-x-checkpoint-30"
+    empty.mkdir()
+    with pytest.raises(SetAsideError, match="exists"):
+        move_state(state, empty)
+    save = tmp_path / "my-lora_000000015.safetensors"
+    save.write_bytes(b"cut")
+    other = tmp_path / ".incomplete-x-my-lora_000000015.safetensors"
+    other.write_bytes(b"older")
+    with pytest.raises(SetAsideError, match="exists"):
+        move_state(save, other)
+    assert (state / "optimizer.pt").read_bytes() == b"half" and empty.is_dir()
+    assert save.read_bytes() == b"cut" and other.read_bytes() == b"older"
