@@ -43,6 +43,8 @@ __all__ = ["take_over_gui_run"]
 # Set by the sidecar at each launch (process mode's NCCL flight recorder): never frozen
 # into the script, where an export would override the launch's own value.
 _LAUNCH_VARIABLES = tuple(recorder_environment(Path("/")))
+# The sidecar's own settings, in the environment of a process it started: never the run's.
+_OWN_PREFIXES = ("SIDECAR_", "TRAINING_SIDECAR_")
 
 
 def take_over_gui_run(
@@ -67,7 +69,8 @@ def take_over_gui_run(
         launch = _with_absolute_config(capture_process(process))
     except CaptureError as error:
         raise RunSetupError(f"the kohya_ss GUI's run (pid {process.pid}): {error}") from None
-    text = launch_script_text(launch, leave_out=_LAUNCH_VARIABLES)
+    own = [name for name in launch.environment if name.startswith(_OWN_PREFIXES)]
+    text = launch_script_text(launch, leave_out=(*_LAUNCH_VARIABLES, *own))
     try:
         command = SD_SCRIPTS.read_launch_script(text)
     except LaunchScriptError as error:
@@ -85,7 +88,13 @@ def take_over_gui_run(
     check_write_scope(output_dir)
     state_dir = (settings.state_dir or output_dir / ".sidecar").absolute()
     script = captured_script_path(state_dir)
-    kept = _same_run_script(script, text)
+    # An earlier sidecar's relaunch of this run (its `bash <script>` exec'd the trainer, so
+    # the pid it recorded is this process): its environment is the sidecar's and its script
+    # holds the resume, so the script is kept, never captured anew.
+    earlier = TrainerPidFile(state_dir).live_trainer()
+    kept = (earlier is not None and earlier.pid == launch.pid and script.is_file()) or (
+        _same_run_script(script, text)
+    )
     if not kept:
         write_launch_script(script, text)
     TrainerPidFile(state_dir).record(launch.pid)

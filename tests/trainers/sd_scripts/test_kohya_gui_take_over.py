@@ -90,3 +90,41 @@ def test_a_gui_run_that_hangs_is_captured_and_resumed(fluxgym):
     assert (tree.output_dir / "my-lora.safetensors").is_file()
     ledger = json.loads((tree.output_dir / ".sidecar" / "state.json").read_text())
     assert ledger["completed"]
+
+
+def test_a_restarted_sidecar_keeps_the_script_of_its_own_relaunch(tmp_path):
+    """The relaunch (bash exec'd the trainer: the recorded pid) runs with the sidecar's own
+    environment: it is adopted with the script that holds the resume, not captured anew."""
+    import threading
+
+    from sidecar.config import load_settings
+    from sidecar.run.gui_take_over import take_over_gui_run
+    from sidecar.run.lock import TrainerPidFile
+
+    out = tmp_path / "outputs" / "my-lora"
+    state_dir = out / ".sidecar"
+    state_dir.mkdir(parents=True)
+    toml = out / "config_lora-20261201-120000.toml"
+    toml.write_text(f'output_dir = "{out}"\noutput_name = "my-lora"\nsave_state = true\n')
+    trainer = tmp_path / "sd-scripts" / "flux_train_network.py"
+    trainer.parent.mkdir()
+    trainer.write_text("import time\ntime.sleep(60)\n")
+    script = state_dir / CAPTURED_SCRIPT_NAME
+    script.write_text(
+        f"#!/usr/bin/env bash\nexec {sys.executable} {trainer} --config_file {toml} "
+        f"--resume {out}/my-lora-step00000012-state\n"
+    )
+    relaunch = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env={"SIDECAR_X": "1"})
+    try:
+        TrainerPidFile(state_dir).record(relaunch.pid)
+        held = script.read_text()
+        settings = take_over_gui_run(
+            load_settings({"follow": "kohya-gui"}),
+            stop_event=threading.Event(),
+            log=__import__("structlog").get_logger(),
+        )
+    finally:
+        relaunch.kill()
+        relaunch.wait()
+    assert settings is not None and settings.train_script == script
+    assert script.read_text() == held  # the resume it holds, no SIDECAR_X frozen in
