@@ -56,6 +56,16 @@ _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _REQUIRED = ("optimizer.pt", "scheduler.pt")
 _RNG_STATE = re.compile(r"rng_state(?:_\d+)?\.pth")
+# What Trainer._save_checkpoint writes before trainer_state.json, in that one process
+# (transformers trainer.py: _save_checkpoint, _save_optimizer_and_scheduler,
+# _save_rng_state): weights, optimizer, scheduler, scaler, rank 0's random state. Files
+# written after it by design stay out of the order check: LLaMA-Factory's on_save callbacks
+# (processor, value head; src/llamafactory/train/callbacks.py) and other ranks'
+# rng_state_<r>.pth, which no barrier orders before rank 0's trainer_state.json.
+_BEFORE_STATE = re.compile(
+    r"(?:model|pytorch_model|adapter_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+    r"|(?:optimizer|scheduler|scaler)\.pt|rng_state(?:_0)?\.pth"
+)
 # Files of a save that inspect_state_file checks by their kind when present.
 _CHECKED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -160,7 +170,11 @@ def _examine(folder: Path, number: int, *, now: float, settle_seconds: float) ->
             problems.append(
                 f"{TRAINER_STATE}: global_step {state.global_step} is not the folder's {number}"
             )
-        older = sorted(name for name, mtime in files.items() if mtime > state.mtime_ns)
+        older = sorted(
+            name
+            for name, mtime in files.items()
+            if mtime > state.mtime_ns and _BEFORE_STATE.fullmatch(name)
+        )
         if older:
             # trainer_state.json is written last: a file newer than it is from a later save
             # into the same folder that did not finish.

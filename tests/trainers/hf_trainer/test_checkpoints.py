@@ -191,3 +191,19 @@ def test_the_aside_name_escapes_the_trainer_listing_resume_and_rotation(tmp_path
     suffixed = tmp_path / "checkpoint-15.incomplete"
     suffixed.mkdir()
     assert str(suffixed) in trainer_utils.sort_checkpoints(str(tmp_path))
+
+
+def test_files_written_after_the_state_by_design_do_not_make_it_incomplete(tmp_path: Path) -> None:
+    """LLaMA-Factory's on_save callbacks write the processor after _save_checkpoint, and other
+    ranks' RNG state is not ordered before rank 0's trainer_state.json: still complete. A
+    newer optimizer.pt (a later save cut short) still is not."""
+    folder = write_checkpoint(tmp_path, 10)
+    later = NOW - 1
+    for name in ("preprocessor_config.json", "rng_state_1.pth"):
+        (folder / name).write_bytes(torch_zip_bytes() if name.endswith(".pth") else b"{}")
+        os.utime(folder / name, (later, later))
+    (only,) = scan(tmp_path)
+    assert only.complete, only.problems
+    os.utime(folder / "optimizer.pt", (later, later))
+    (only,) = scan(tmp_path)
+    assert not only.complete and "optimizer.pt" in " ".join(only.problems)
