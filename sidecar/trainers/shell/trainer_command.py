@@ -31,7 +31,11 @@ from sidecar.trainers.shell.script_words import (
 
 __all__ = ["EXPECTED_COMMAND", "Arg", "Located", "TrainCommand", "find_option", "locate"]
 
-EXPECTED_COMMAND = "accelerate launch ... sd-scripts/flux_train_network.py ..."
+# The shape every launch script's one command has (FluxGym's: sd-scripts/flux_train_network.py).
+EXPECTED_COMMAND = (
+    "accelerate launch|torchrun|python [...] <trainer>.py ... (or -m <module>, or an entry "
+    "point such as axolotl train <config>)"
+)
 CRLF_FIX = "sed -i 's/\\r$//' train.sh"
 BOM_FIX = "sed -i '1s/^\\xEF\\xBB\\xBF//' train.sh"
 NUL_FIX = "tr -d '\\000' < train.sh > train.fixed && mv train.fixed train.sh"
@@ -202,8 +206,8 @@ def locate(text: str) -> Located:
     if orphans:
         raise _orphan_error(text, script, orphans[0])
     raise TrainScriptError(
-        f"no trainer command found in train.sh: expected a command like "
-        f"`{EXPECTED_COMMAND}` with a *.py script"
+        "no trainer command found in the launch script: expected one command like "
+        f"`{EXPECTED_COMMAND}`"
     )
 
 
@@ -429,5 +433,5 @@ def _ambiguous(
             where.append(f"line {line_of(text, first.start)} (a launcher command not understood)")
     return TrainScriptError(
         f"ambiguous train.sh: more than one command runs a *.py script: {', '.join(where)}; "
-        f"expected exactly one `{EXPECTED_COMMAND}`"
+        f"expected exactly one command like `{EXPECTED_COMMAND}`"
     )
