@@ -31,10 +31,11 @@ from sidecar.trainers.shell.script_words import (
 
 __all__ = ["EXPECTED_COMMAND", "Arg", "Located", "TrainCommand", "find_option", "locate"]
 
-# The shape every launch script's one command has (FluxGym's: sd-scripts/flux_train_network.py).
-EXPECTED_COMMAND = (
-    "accelerate launch|torchrun|python [...] <trainer>.py ... (or -m <module>, or an entry "
-    "point such as axolotl train <config>)"
+EXPECTED_COMMAND = "accelerate launch ... sd-scripts/flux_train_network.py ..."
+# Every trainer's: a launcher and a *.py script, a module, or an entry point.
+OTHER_SHAPES = (
+    "or any `accelerate launch|torchrun|deepspeed|python ... <trainer>.py ...`, "
+    "`python -m <module> ...` or entry point such as `axolotl train <config>`"
 )
 CRLF_FIX = "sed -i 's/\\r$//' train.sh"
 BOM_FIX = "sed -i '1s/^\\xEF\\xBB\\xBF//' train.sh"
@@ -207,7 +208,7 @@ def locate(text: str) -> Located:
         raise _orphan_error(text, script, orphans[0])
     raise TrainScriptError(
         "no trainer command found in the launch script: expected one command like "
-        f"`{EXPECTED_COMMAND}`"
+        f"`{EXPECTED_COMMAND}` with a *.py script ({OTHER_SHAPES})"
     )
 
 
