@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -95,15 +96,30 @@ def run_sidecar(
     Raises ``subprocess.TimeoutExpired`` (after killing the sidecar's session) when it
     does not finish in time.
     """
+    environment = sidecar_environment(tree, settings=settings, simulation=simulation)
+    return run_sidecar_process(
+        {key: value for key, value in environment.items() if value is not None},
+        root=tree.root,
+        timeout=timeout,
+        arguments=(command, *arguments),
+        cwd=cwd,
+    )
+
+
+def run_sidecar_process(
+    environment: dict[str, str],
+    *,
+    root: Path,
+    timeout: float = 90,
+    arguments: Sequence[str] = ("run",),
+    cwd: str | None = None,
+) -> SidecarRun:
+    """``python -m sidecar <arguments>`` as a real process in ``environment``, its JSON events
+    parsed: any trainer's tree under ``root``. On a timeout the sidecar's session and every
+    process whose command line names ``root`` are killed, then TimeoutExpired is raised."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", command, *arguments],
-        env={
-            key: value
-            for key, value in sidecar_environment(
-                tree, settings=settings, simulation=simulation
-            ).items()
-            if value is not None
-        },
+        [sys.executable, "-m", "sidecar", *arguments],
+        env=environment,
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -113,7 +129,7 @@ def run_sidecar(
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as timeout_error:
-        stop_everything(tree, process.pid)
+        kill_session_and_tree(root, process.pid)
         stdout, stderr = process.communicate()
         raise subprocess.TimeoutExpired(
             timeout_error.cmd, timeout, output=stdout.encode(), stderr=stderr.encode()
@@ -124,10 +140,15 @@ def run_sidecar(
 
 def stop_everything(tree: FluxgymTree, sidecar_pid: int) -> None:
     """SIGKILL a sidecar's session and every process running this tree's trainer."""
+    kill_session_and_tree(tree.root, sidecar_pid)
+
+
+def kill_session_and_tree(root: Path, sidecar_pid: int) -> None:
+    """SIGKILL a sidecar's session and every process whose command line names ``root``."""
     for process in psutil.process_iter(["cmdline"]):
         try:
             ours = os.getsid(process.pid) == sidecar_pid
-            if ours or str(tree.root) in " ".join(process.info["cmdline"] or ()):
+            if ours or str(root) in " ".join(process.info["cmdline"] or ()):
                 process.send_signal(signal.SIGKILL)
         except (psutil.Error, OSError):
             continue

@@ -12,20 +12,15 @@ the newest save whole: a cut one is set aside, never deleted, and never resumed.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from ai_toolkit_tree import ToolkitTree, build_toolkit_tree
 
-from sidecar.simulator.harness import FAST_SETTINGS
+from sidecar.simulator.harness import FAST_SETTINGS, run_sidecar_process
 from sidecar.trainers.ai_toolkit import save_names
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(200)]
@@ -60,33 +55,8 @@ def run_sidecar(
         **settings,
         **faults,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        _kill_tree(tree, process.pid)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"sidecar did not finish in time\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return Run(process.returncode, events, stderr)
-
-
-def _kill_tree(tree: ToolkitTree, sidecar_pid: int) -> None:
-    """The sidecar's session and the stand-ins of this tree: nothing else."""
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            ours = os.getsid(process.pid) == sidecar_pid
-            if ours or str(tree.root) in " ".join(process.info["cmdline"] or ()):
-                process.send_signal(signal.SIGKILL)
-        except (psutil.Error, OSError):
-            continue
+    result = run_sidecar_process(environment, root=tree.root, timeout=150)
+    return Run(result.exit_code, result.events, result.stderr)
 
 
 def chosen_steps(run: Run) -> list[int | None]:

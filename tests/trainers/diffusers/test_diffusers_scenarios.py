@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-from sidecar.simulator.harness import FAST_SETTINGS
+from sidecar.simulator.harness import FAST_SETTINGS, run_sidecar_process
 from sidecar.trainers.diffusers import DIFFUSERS
 
 pytestmark = pytest.mark.slow
@@ -82,32 +79,8 @@ def run_sidecar(tree: Tree, faults: dict[str, str], *, trainer: str = "diffusers
         "STANDIN_STEP_SECONDS": "0.05",
         **faults,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        _kill_tree(tree, process.pid)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"sidecar did not finish in time\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return Run(process.returncode, events, stderr)
-
-
-def _kill_tree(tree: Tree, sidecar_pid: int) -> None:
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            ours = os.getsid(process.pid) == sidecar_pid
-            if ours or str(tree.root) in " ".join(process.info["cmdline"] or ()):
-                process.send_signal(signal.SIGKILL)
-        except (psutil.Error, OSError):
-            continue
+    result = run_sidecar_process(environment, root=tree.root, timeout=120)
+    return Run(result.exit_code, result.events, result.stderr)
 
 
 def steps_of(tree: Tree) -> list[dict[str, int]]:

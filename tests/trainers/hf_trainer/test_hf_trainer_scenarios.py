@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -20,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-from sidecar.simulator.harness import FAST_SETTINGS
+from sidecar.simulator.harness import FAST_SETTINGS, run_sidecar_process
 from sidecar.trainers.hf_trainer import HF_TRAINER
 
 pytest.importorskip("transformers")
@@ -98,34 +96,11 @@ def run_sidecar(script: Path, *, trainer: str, faults: dict[str, str], timeout: 
         "SIDECAR_HEARTBEAT_FILE": str(root / "heartbeat"),
         "OMP_NUM_THREADS": "1",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_everything(root, process.pid)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the sidecar did not finish in {timeout} s; stderr: {stderr[-3000:]}")
-    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    events += [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    return Run(process.returncode, events, stderr, root / "out")
-
-
-def _kill_everything(root: Path, sidecar_pid: int) -> None:
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if os.getsid(process.pid) == sidecar_pid or str(root) in " ".join(
-                process.info["cmdline"] or ()
-            ):
-                process.send_signal(signal.SIGKILL)
-        except (psutil.Error, OSError):
-            continue
+    result = run_sidecar_process(environment, root=root, timeout=timeout)
+    events = result.events + [
+        json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")
+    ]
+    return Run(result.exit_code, events, result.stderr, root / "out")
 
 
 def final_state(output_dir: Path) -> dict[str, Any]:

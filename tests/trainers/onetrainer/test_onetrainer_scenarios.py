@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.simulator.harness import FAST_SETTINGS
+from sidecar.simulator.harness import FAST_SETTINGS, run_sidecar_process
 from sidecar.trainers.onetrainer import backup_rules
 
 pytestmark = pytest.mark.slow
@@ -105,37 +103,8 @@ def run_sidecar(
         "STANDIN_STEP_SECONDS": "0.35",
         **faults,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        _kill_trainers(tree)
-        pytest.fail(
-            f"the sidecar did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}"
-        )
-    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return Run(process.returncode, events, stderr)
-
-
-def _kill_trainers(tree: Tree) -> None:
-    """The stand-ins the sidecar started run in their own sessions: end them by pid."""
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        if str(tree.root) in " ".join(process.info["cmdline"] or ()):
-            try:
-                process.kill()
-            except psutil.Error:
-                continue
+    result = run_sidecar_process(environment, root=tree.root, timeout=timeout)
+    return Run(result.exit_code, result.events, result.stderr)
 
 
 def steps_by_attempt(tree: Tree) -> list[list[int]]:
