@@ -187,6 +187,10 @@ class WatchedRun:
         """Record an attempt that starts now from what train.sh says (its resume and position
         flags), so that the states it writes can be placed in the whole schedule."""
         resumed = self.pointer.resumed_checkpoint()
+        if resumed is None and by_sidecar:
+            # A trainer that resumes from its own "latest" (ai-toolkit, OneTrainer) names no
+            # state in its command: the one the sidecar chose (and cleared the way to) is it.
+            resumed = self.record.ledger.current_checkpoint
         state_step = None
         if resumed is not None:
             state_step = self.paths.trainer.resumed_state_step(Path(resumed))
