@@ -63,6 +63,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -856,21 +857,31 @@ def test_sidecar_starting_with_every_checkpoint_quarantined_gives_up_cleanly(
 # -- hostile or broken inputs ------------------------------------------------------------------
 
 
+# The command's own peak memory, from a small process that starts it: a child of pytest
+# itself would report pytest's resident set, which exec carries over into ru_maxrss (after
+# the e2e and real-training tiers have run in this process, that is hundreds of MB).
+_MEASURE = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:], stderr=subprocess.DEVNULL).returncode
+with open(sys.argv[1], "w") as out:
+    out.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def _run_measured(command: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, int]:
-    """Run ``command``; its exit code, stdout and peak memory (KiB) from wait4."""
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    timer = threading.Timer(timeout, process.kill)
-    timer.start()
-    try:
-        assert process.stdout is not None
-        stdout = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
-    finally:
-        timer.cancel()
-        process.returncode = 0  # reaped by wait4; keeps Popen from waiting again
-    return os.waitstatus_to_exitcode(status), stdout, usage.ru_maxrss
+    """Run ``command``; its exit code, stdout and peak memory (KiB) of its own."""
+    with tempfile.TemporaryDirectory() as folder:
+        peak_file = Path(folder) / "peak"
+        result = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(peak_file), *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            timeout=timeout,
+        )
+        return result.returncode, result.stdout, int(peak_file.read_text())
 
 
 def test_checkpoints_command_survives_hostile_state_files(fluxgym: FluxgymTree) -> None:
