@@ -27,6 +27,7 @@ import contextlib
 import json
 import re
 import shlex
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,8 @@ from sidecar.run.paths import RunPaths
 
 # In the environment of every train.sh the sidecar launches: tells its own from the UI's.
 LAUNCH_MARKER = "TRAINING_SIDECAR_LAUNCH"
+# How long the Engine's view of a launch is waited for to agree with /proc's.
+EXIT_RECORD_WAIT = 5.0
 
 
 class ExecRestarter:
@@ -73,8 +76,12 @@ class ExecRestarter:
         pattern: re.Pattern[str],
         kill_grace: float,
         log: Callable[..., Any] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.gateway = gateway
+        self._monotonic = monotonic
+        self._sleep = sleep
         self.container = container
         self.project = project
         self.pattern = pattern
@@ -90,6 +97,7 @@ class ExecRestarter:
         self._launch_problem = "no training process seen since the sidecar started"
         self._launch_file: Path | None = None
         self._token: str | None = None  # LAUNCH_MARKER of the sidecar's latest relaunch
+        self._waited_for: str | None = None  # the launch whose settling was waited out
         self._own_roots: dict[tuple[int, float, str], bool] = {}  # roots judged so far
         # The trainer container as it was while the watched trainer ran (id, start time).
         self._container_then: tuple[str, str | None] | None = None
@@ -112,6 +120,9 @@ class ExecRestarter:
 
     def status(self) -> TrainerStatus:
         processes = find_trainer_processes(self.pattern)  # in the shared namespace
+        exit_code = None
+        if not processes:
+            processes, exit_code = self._launch_settled()
         if processes:
             attempt = attempt_key(processes)
             self._remember_launch(processes, attempt)
@@ -123,9 +134,7 @@ class ExecRestarter:
                 self._exec_id = self._token = None
             return TrainerStatus(running=True, attempt=attempt, own=own, others=others)
         return TrainerStatus(
-            running=False,
-            exit_code=self._own_exit_code(),
-            went_with_container=self._container_went(),
+            running=False, exit_code=exit_code, went_with_container=self._container_went()
         )
 
     def stop_trees(self, roots: list[int]) -> None:
@@ -274,14 +283,35 @@ class ExecRestarter:
         )
         return launch.environment, workdir
 
-    def _own_exit_code(self) -> int | None:
-        """The exit status of the train.sh we launched; unknown for one the UI started."""
-        if self._exec_id is None:
-            return None
-        try:
-            return self.gateway.exec_inspect(self._exec_id).exit_code
-        except DockerError:
-            return None
+    def _launch_settled(self) -> tuple[list[psutil.Process], int | None]:
+        """No trainer process is seen: the processes of our launch once they show, or its
+        exit status (unknown for a trainer the UI started).
+
+        The Engine's view and /proc's differ for a moment at both ends of a launch: a
+        relaunch's processes show a little after the exec starts, and the exec's exit is
+        recorded a little after its process ends (on a busy machine, well over a poll later).
+        Meanwhile the Engine answers "running" with no code, and a run that finished would
+        read as ended without one. So that is waited out, once per launch and for at most
+        ``EXIT_RECORD_WAIT`` seconds (an exec the pattern never sees is not waited for again).
+        """
+        exec_id = self._exec_id
+        if exec_id is None:
+            return [], None
+        deadline = self._monotonic() + (0.0 if exec_id == self._waited_for else EXIT_RECORD_WAIT)
+        while True:
+            try:
+                info = self.gateway.exec_inspect(exec_id)
+            except DockerError:
+                return [], None
+            if info.exit_code is not None or not info.running:
+                return [], info.exit_code
+            processes = find_trainer_processes(self.pattern)
+            if processes:
+                return processes, None
+            if self._monotonic() >= deadline:
+                self._waited_for = exec_id
+                return [], None
+            self._sleep(0.05)
 
 
 def _read_launch(path: Path) -> LaunchContext | None:
