@@ -21,8 +21,8 @@ Read from transformers 5.24 (``src/transformers/trainer.py``, ``trainer_utils.py
   ``^checkpoint\\-(\\d+)$`` with no check at all; ``sort_checkpoints`` (rotation) globs
   ``checkpoint-*`` and orders by folder mtime (by number on filesystems with coarse mtimes).
 
-DeepSpeed and FSDP checkpoints (``global_step<N>/``, ``pytorch_model_fsdp_0/``) keep their
-optimizer elsewhere and are reported incomplete ("optimizer.pt missing").
+DeepSpeed and FSDP saves keep the optimizer (and sometimes the model) in files and folders of
+their own: ``layouts`` says which, and what each must hold.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from sidecar.checkpoints.file_checks import inspect_state_file
 from sidecar.checkpoints.scan import STILL_WRITTEN, Candidate, newest_complete_first
+from sidecar.trainers.hf_trainer.layouts import Listing, examine_layout, list_folder
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -54,7 +55,6 @@ TRAINER_STATE = "trainer_state.json"
 MAX_TRAINER_STATE_BYTES = 64 * 1024 * 1024
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_REQUIRED = ("optimizer.pt", "scheduler.pt")
 _RNG_STATE = re.compile(r"rng_state(?:_\d+)?\.pth")
 # What Trainer._save_checkpoint writes before trainer_state.json, in that one process
 # (transformers trainer.py: _save_checkpoint, _save_optimizer_and_scheduler,
@@ -62,9 +62,14 @@ _RNG_STATE = re.compile(r"rng_state(?:_\d+)?\.pth")
 # written after it by design stay out of the order check: LLaMA-Factory's on_save callbacks
 # (processor, value head; src/llamafactory/train/callbacks.py) and other ranks'
 # rng_state_<r>.pth, which no barrier orders before rank 0's trainer_state.json.
+# DeepSpeed's tag folder and ``latest`` and FSDP's files come before it too (layouts), all of
+# them from the save's closing barrier or rank 0.
 _BEFORE_STATE = re.compile(
     r"(?:model|pytorch_model|adapter_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
     r"|(?:optimizer|scheduler|scaler)\.pt|rng_state(?:_0)?\.pth"
+    r"|latest|global_step\d+/.+_states\.pt"
+    r"|pytorch_model_fsdp\S*\.bin|optimizer(?:_\d+)?\.bin"
+    r"|(?:pytorch_model_fsdp|optimizer)_\d+/(?:\.metadata|.+\.distcp)"
 )
 # Files of a save that inspect_state_file checks by their kind when present.
 _CHECKED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -149,17 +154,12 @@ def _read_trainer_state(path: Path) -> _TrainerState | str:
 
 def _examine(folder: Path, number: int, *, now: float, settle_seconds: float) -> Candidate | None:
     try:
-        with os.scandir(folder) as entries:
-            files = {
-                entry.name: entry.stat(follow_symlinks=False).st_mtime_ns
-                for entry in entries
-                if entry.is_file(follow_symlinks=False)
-            }
+        listing = list_folder(folder)
     except FileNotFoundError:
         return None  # rotated away (save_total_limit) since the listing
     except OSError as error:
         return _candidate(folder, number, [f"unreadable: {error.strerror or error}"], None, None)
-    problems = _missing(files)
+    problems, files = _missing(folder, listing)
     problems += _broken(folder, files)
     state = _read_trainer_state(folder / TRAINER_STATE)
     newest_ns = max(files.values(), default=None)
@@ -191,10 +191,13 @@ def _examine(folder: Path, number: int, *, now: float, settle_seconds: float) ->
     return _candidate(folder, number, problems, completed_at, good)
 
 
-def _missing(files: dict[str, int]) -> list[str]:
+def _missing(folder: Path, listing: Listing) -> tuple[list[str], dict[str, int]]:
+    """What the save lacks, and every file of it (sub-folders' as ``<folder>/<name>``)."""
+    layout = examine_layout(folder, listing)
+    files = {**listing.files, **layout.nested}
     problems = []
     has_weights = any(name in files for name in (*_WEIGHTS, *_WEIGHT_INDEXES, "adapter_model.bin"))
-    if not has_weights:
+    if not has_weights and not layout.weights_elsewhere:
         problems.append(
             "model weights missing (model.safetensors, pytorch_model.bin, a sharded index "
             "or adapter_model.safetensors)"
@@ -203,10 +206,10 @@ def _missing(files: dict[str, int]) -> list[str]:
         "adapter_config.json" not in files
     ):
         problems.append("adapter_config.json missing")
-    problems.extend(f"{name} missing" for name in _REQUIRED if name not in files)
+    problems += layout.problems
     if not any(_RNG_STATE.fullmatch(name) for name in files):
         problems.append("rng_state.pth missing")
-    return problems
+    return problems, files
 
 
 def _broken(folder: Path, files: dict[str, int]) -> list[str]:
