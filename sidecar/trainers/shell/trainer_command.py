@@ -8,7 +8,7 @@ word is read as bash reads it, variables included (``script_values``); a word wh
 cannot be known is refused when the sidecar depends on it or when it could hide an option.
 Shapes that look like a trainer command but are not one to bash (CRLF line endings, a BOM,
 a command cut short by a comment or a blank after ``\\``) are named with their fix
-instead of being edited.
+instead of being edited (``script_faults``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sidecar.trainers.shell import entry_points
+from sidecar.trainers.shell.script_faults import (
+    BOM_FIX,
+    check_command_bytes,
+    crlf_error,
+    orphan_error,
+    refuse_binary,
+    unknown_word,
+)
 from sidecar.trainers.shell.script_values import Variables, expand_word, is_assignment
 from sidecar.trainers.shell.script_words import (
     Command,
@@ -37,12 +45,7 @@ OTHER_SHAPES = (
     "or any `accelerate launch|torchrun|deepspeed|python ... <trainer>.py ...`, "
     "`python -m <module> ...` or entry point such as `axolotl train <config>`"
 )
-CRLF_FIX = "sed -i 's/\\r$//' train.sh"
-BOM_FIX = "sed -i '1s/^\\xEF\\xBB\\xBF//' train.sh"
-NUL_FIX = "tr -d '\\000' < train.sh > train.fixed && mv train.fixed train.sh"
-CP1252_FIX = "iconv -f cp1252 -t utf-8 train.sh > train.fixed && mv train.fixed train.sh"
 _LAUNCHER = re.compile(r"(?:.*/)?(?:accelerate|torchrun|deepspeed|python|python3(?:\.[0-9]+)?)")
-_UNDECODABLE = re.compile("[\udc80-\udcff]")
 # Words whose value the sidecar acts on: a guess here resumes from the wrong state.
 _DEPENDED_ON = ("--resume", "--output_name")
 
@@ -181,7 +184,7 @@ _Found = Located | TrainScriptError | Literal["orphan"] | None
 
 def locate(text: str) -> Located:
     """The one command bash runs as the trainer; TrainScriptError naming the line otherwise."""
-    _refuse_binary(text)
+    refuse_binary(text)
     script = split_commands(text)
     variables = Variables(text)
     found: list[tuple[int, Located | TrainScriptError]] = []
@@ -200,25 +203,16 @@ def locate(text: str) -> Located:
     if len(found) > 1:
         raise _ambiguous(text, script, found)
     if "\r" in text:
-        raise _crlf_error(text)
+        raise crlf_error(text)
     if found:
         assert isinstance(found[0][1], TrainScriptError)
         raise found[0][1]
     if orphans:
-        raise _orphan_error(text, script, orphans[0])
+        raise orphan_error(text, script, orphans[0])
     raise TrainScriptError(
         "no trainer command found in the launch script: expected one command like "
         f"`{EXPECTED_COMMAND}` with a *.py script ({OTHER_SHAPES})"
     )
-
-
-def _refuse_binary(text: str) -> None:
-    first_line = text[:80].split("\n", 1)[0]
-    if "\0" in first_line:
-        raise TrainScriptError(
-            "line 1 holds a NUL byte, so bash refuses train.sh (cannot execute binary file); "
-            f"remove it: {NUL_FIX}"
-        )
 
 
 def _classify(text: str, command: Command, variables: Variables) -> _Found:
@@ -267,7 +261,7 @@ def _read_launch(
         expanded = expand_word(word, variables)
         if expanded.fields is None:
             if doubt is None and _could_hide(word, head[-1].text if head else None):
-                doubt = _unknown_word(text, word, expanded.reason, "could be the trainer script")
+                doubt = unknown_word(text, word, expanded.reason, "could be the trainer script")
             head.append(Arg(word.text, word, single=True, known=False))
             continue
         fields = expanded.fields
@@ -324,7 +318,7 @@ def _read_trainer_args(
             args.extend(Arg(field, word, single=len(fields) == 1) for field in fields)
             continue
         if _could_hide(word, args[-1].text if args else None):
-            return _unknown_word(text, word, expanded.reason, "could hide a --resume")
+            return unknown_word(text, word, expanded.reason, "could hide a --resume")
         args.append(Arg(word.text, word, single=True, known=False))
     return tuple(args)
 
@@ -345,38 +339,12 @@ def _could_hide(word: Word, previous: str | None) -> bool:
     return not (previous is not None and previous.startswith("--") and "=" not in previous)
 
 
-def _unknown_word(text: str, word: Word, reason: str, risk: str) -> TrainScriptError:
-    return TrainScriptError(
-        f"line {line_of(text, word.start)}: `{text[word.start : word.end]}` {risk} and its "
-        f"value cannot be known from train.sh ({reason}); write its words out literally, "
-        "or set it earlier with a plain assignment (NAME=value or NAME=(a b)) at top level"
-    )
-
-
 def _check_located(located: Located, script: Script, orphans: list[int], index: int) -> None:
     text = located.text
     words = located.source.words
-    span_start, span_end = words[0].start, words[-1].end
-    span = text[span_start:span_end]
-    if "\r" in span:
-        raise _crlf_error(text)
-    nul = span.find("\0")
-    if nul >= 0:
-        raise TrainScriptError(
-            f"line {line_of(text, span_start + nul)}: the trainer command holds a NUL byte, "
-            f"which bash drops; remove it: {NUL_FIX}"
-        )
-    undecodable = _UNDECODABLE.search(span)
-    if undecodable:
-        # surrogateescape keeps byte 0xNN as U+DCNN (see atomic_files.read_text_exact).
-        byte = ord(undecodable.group()) - 0xDC00
-        raise TrainScriptError(
-            f"line {line_of(text, span_start + undecodable.start())}: the trainer command holds "
-            f"bytes that are not UTF-8 (can't decode byte 0x{byte:02x}; a Windows editor's "
-            f"cp1252?); save train.sh as UTF-8: {CP1252_FIX}"
-        )
+    check_command_bytes(text, words[0].start, words[-1].end)
     if index + 1 in orphans:
-        raise _orphan_error(text, script, index + 1)
+        raise orphan_error(text, script, index + 1)
     texts = [arg.text for arg in located.args]
     for flag in _DEPENDED_ON:
         for found in find_option(texts, flag):
@@ -385,40 +353,6 @@ def _check_located(located: Located, script: Script, orphans: list[int], index: 
                     f"{located.why_unknown(found.last)}: the sidecar needs the value of {flag}; "
                     "write it literally or set it earlier with a plain assignment (NAME=value)"
                 )
-
-
-def _crlf_error(text: str) -> TrainScriptError:
-    line = line_of(text, text.index("\r"))
-    return TrainScriptError(
-        f"train.sh has Windows line endings (CRLF, first on line {line}): bash reads each \\r "
-        "as part of the line's last word, so a final `\\` no longer continues the command and "
-        f"the trainer would not get its flags; convert the file: {CRLF_FIX}"
-    )
-
-
-def _orphan_error(text: str, script: Script, index: int) -> TrainScriptError:
-    first = script.commands[index].words[0]
-    line = line_of(text, first.start)
-    previous = text.split("\n")[line - 2] if line > 1 else ""
-    commented = any(line_of(text, at) == line - 1 for at in script.comments)
-    if line == 1:
-        reason = "no command comes before it"
-    elif re.search(r"\\[ \t]+$", previous):
-        reason = (
-            f"line {line - 1} has blanks after its final `\\`, which then escapes a blank "
-            "instead of continuing the line; delete the blanks after the `\\`"
-        )
-    elif commented:
-        reason = (
-            f"line {line - 1} is or ends in a comment, and a comment ends the command even "
-            "among `\\` continuations; delete it or move it above the command"
-        )
-    else:
-        reason = f"line {line - 1} does not end with ` \\`; add it"
-    return TrainScriptError(
-        f"line {line}: `{first.text}` starts a command of its own, so bash does not pass it "
-        f"to the trainer command: {reason}"
-    )
 
 
 def _ambiguous(
