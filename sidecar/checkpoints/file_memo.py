@@ -30,8 +30,20 @@ class FileReportMemo:
             status = entry.stat()  # follows links, as opening the file for the check does
         except OSError:
             return inspect_state_file(entry.path)  # gone or unreadable: the check says which
+        return self._report(entry.path, status)
+
+    def inspect_path(self, path: str | os.PathLike[str]) -> FileReport:
+        """The report of the file at ``path``, as ``inspect`` (for scans that list names)."""
+        path = os.fspath(path)
+        try:
+            status = os.stat(path)
+        except OSError:
+            return inspect_state_file(path)
+        return self._report(path, status)
+
+    def _report(self, path: str, status: os.stat_result) -> FileReport:
         key = (
-            entry.path,
+            path,
             status.st_dev,
             status.st_ino,
             status.st_size,
@@ -40,7 +52,7 @@ class FileReportMemo:
         )
         report = self._reports.get(key)
         if report is None:
-            report = inspect_state_file(entry.path)
+            report = inspect_state_file(path)
             if len(self._reports) >= self.limit:
                 del self._reports[next(iter(self._reports))]
             self._reports[key] = report

@@ -111,7 +111,9 @@ class HfTrainer:
         output_name: str | None,
         memo: FileReportMemo | None = None,
     ) -> list[Candidate]:
-        return checkpoints.find_checkpoints(output_dir, now=now, settle_seconds=settle_seconds)
+        return checkpoints.find_checkpoints(
+            output_dir, now=now, settle_seconds=settle_seconds, memo=memo
+        )
 
     def in_the_way(
         self, candidates: Sequence[Candidate], chosen: Candidate | None

@@ -30,11 +30,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.checkpoints.file_checks import inspect_state_file
+from sidecar.checkpoints.file_checks import FileReport, inspect_state_file
+from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.scan import STILL_WRITTEN, Candidate, newest_complete_first
 from sidecar.trainers.hf_trainer.layouts import Listing, examine_layout, list_folder
 
@@ -71,6 +72,7 @@ _BEFORE_STATE = re.compile(
     r"|pytorch_model_fsdp\S*\.bin|optimizer(?:_\d+)?\.bin"
     r"|(?:pytorch_model_fsdp|optimizer)_\d+/(?:\.metadata|.+\.distcp)"
 )
+Inspect = Callable[[Path], FileReport]
 # Files of a save that inspect_state_file checks by their kind when present.
 _CHECKED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -99,9 +101,13 @@ def trainer_state_step(folder: Path) -> int | None:
     return state.global_step if isinstance(state, _TrainerState) else None
 
 
-def find_checkpoints(output_dir: Path, *, now: float, settle_seconds: float) -> list[Candidate]:
+def find_checkpoints(
+    output_dir: Path, *, now: float, settle_seconds: float, memo: FileReportMemo | None = None
+) -> list[Candidate]:
     """Every ``checkpoint-<N>`` folder directly in ``output_dir``, complete ones newest
-    first; a folder rotation deletes while it is read is left out."""
+    first; a folder rotation deletes while it is read is left out. ``memo`` keeps the
+    reports of files already checked (only new or changed ones are opened again)."""
+    inspect: Inspect = memo.inspect_path if memo is not None else inspect_state_file
     try:
         with os.scandir(output_dir) as entries:
             folders = [
@@ -114,7 +120,9 @@ def find_checkpoints(output_dir: Path, *, now: float, settle_seconds: float) -> 
         return []
     candidates = []
     for folder, number in folders:
-        candidate = _examine(folder, number, now=now, settle_seconds=settle_seconds)
+        candidate = _examine(
+            folder, number, now=now, settle_seconds=settle_seconds, inspect=inspect
+        )
         if candidate is not None:
             candidates.append(candidate)
     return newest_complete_first(candidates)
@@ -152,7 +160,9 @@ def _read_trainer_state(path: Path) -> _TrainerState | str:
     )
 
 
-def _examine(folder: Path, number: int, *, now: float, settle_seconds: float) -> Candidate | None:
+def _examine(
+    folder: Path, number: int, *, now: float, settle_seconds: float, inspect: Inspect
+) -> Candidate | None:
     try:
         listing = list_folder(folder)
     except FileNotFoundError:
@@ -160,7 +170,7 @@ def _examine(folder: Path, number: int, *, now: float, settle_seconds: float) ->
     except OSError as error:
         return _candidate(folder, number, [f"unreadable: {error.strerror or error}"], None, None)
     problems, files = _missing(folder, listing)
-    problems += _broken(folder, files)
+    problems += _broken(folder, files, inspect)
     state = _read_trainer_state(folder / TRAINER_STATE)
     newest_ns = max(files.values(), default=None)
     if isinstance(state, str):
@@ -212,11 +222,11 @@ def _missing(folder: Path, listing: Listing) -> tuple[list[str], dict[str, int]]
     return problems, files
 
 
-def _broken(folder: Path, files: dict[str, int]) -> list[str]:
+def _broken(folder: Path, files: dict[str, int], inspect: Inspect) -> list[str]:
     problems = []
     for name in sorted(files):
         if name.endswith(_CHECKED_SUFFIXES):
-            report = inspect_state_file(folder / name)
+            report = inspect(folder / name)
             if report.problem is not None:
                 problems.append(f"{name}: {report.problem}")
     for index in _WEIGHT_INDEXES:

@@ -207,3 +207,43 @@ def test_files_written_after_the_state_by_design_do_not_make_it_incomplete(tmp_p
     os.utime(folder / "optimizer.pt", (later, later))
     (only,) = scan(tmp_path)
     assert not only.complete and "optimizer.pt" in " ".join(only.problems)
+
+
+def test_polling_with_a_memo_opens_only_new_or_changed_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sidecar polls the folder: a second scan opens no file again; a file cut short in
+    place (same name and mtime, another size) is opened again and caught."""
+    from sidecar.checkpoints import file_memo
+    from sidecar.checkpoints.file_memo import FileReportMemo
+
+    opened: list[str] = []
+    real = file_memo.inspect_state_file
+
+    def counting(path: str):  # type: ignore[no-untyped-def]
+        opened.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(file_memo, "inspect_state_file", counting)
+    for step in (10, 20):
+        write_checkpoint(tmp_path, step)
+    memo = FileReportMemo()
+
+    def polled() -> list[Candidate]:
+        return HF_TRAINER.find_states(
+            tmp_path, now=NOW, settle_seconds=0.0, output_name=None, memo=memo
+        )
+
+    first = polled()
+    checked = len(opened)
+    assert checked == 2 * 5  # per folder: weights, training_args, optimizer, scheduler, RNG
+    assert polled() == first and len(opened) == checked
+    optimizer = tmp_path / "checkpoint-20" / "optimizer.pt"
+    stamp = optimizer.stat().st_mtime
+    with optimizer.open("r+b") as handle:
+        handle.truncate(optimizer.stat().st_size // 2)
+    os.utime(optimizer, (stamp, stamp))
+    opened.clear()
+    by_number = {candidate.number: candidate for candidate in polled()}
+    assert opened == ["optimizer.pt"]
+    assert by_number[10].complete and not by_number[20].complete
