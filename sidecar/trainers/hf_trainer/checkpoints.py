@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,6 @@ _BEFORE_STATE = re.compile(
     r"|pytorch_model_fsdp\S*\.bin|optimizer(?:_\d+)?\.bin"
     r"|(?:pytorch_model_fsdp|optimizer)_\d+/(?:\.metadata|.+\.distcp)"
 )
-Inspect = Callable[[Path], FileReport]
 # Files of a save that inspect_state_file checks by their kind when present.
 _CHECKED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -107,7 +106,7 @@ def find_checkpoints(
     """Every ``checkpoint-<N>`` folder directly in ``output_dir``, complete ones newest
     first; a folder rotation deletes while it is read is left out. ``memo`` keeps the
     reports of files already checked (only new or changed ones are opened again)."""
-    inspect: Inspect = memo.inspect_path if memo is not None else inspect_state_file
+    reads = _Reads(memo)
     try:
         with os.scandir(output_dir) as entries:
             folders = [
@@ -120,12 +119,28 @@ def find_checkpoints(
         return []
     candidates = []
     for folder, number in folders:
-        candidate = _examine(
-            folder, number, now=now, settle_seconds=settle_seconds, inspect=inspect
-        )
+        candidate = _examine(folder, number, now=now, settle_seconds=settle_seconds, reads=reads)
         if candidate is not None:
             candidates.append(candidate)
     return newest_complete_first(candidates)
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """How a scan reads the files of a save: through the poll's memo when there is one, with
+    the status the folder listing already took (no second stat)."""
+
+    memo: FileReportMemo | None
+
+    def report(self, path: str, status: os.stat_result) -> FileReport:
+        if self.memo is None:
+            return inspect_state_file(path)
+        return self.memo.recall(path, status, inspect_state_file)
+
+    def trainer_state(self, path: str, status: os.stat_result | None) -> _TrainerState | str:
+        if self.memo is None or status is None:
+            return _read_trainer_state(path)
+        return self.memo.recall(path, status, _read_trainer_state)
 
 
 @dataclass(frozen=True)
@@ -135,7 +150,7 @@ class _TrainerState:
     mtime_ns: int
 
 
-def _read_trainer_state(path: Path) -> _TrainerState | str:
+def _read_trainer_state(path: str | Path) -> _TrainerState | str:
     """The state's step and epoch, or why it is not a whole trainer_state.json."""
     try:
         with open(path, "rb") as file:
@@ -161,7 +176,7 @@ def _read_trainer_state(path: Path) -> _TrainerState | str:
 
 
 def _examine(
-    folder: Path, number: int, *, now: float, settle_seconds: float, inspect: Inspect
+    folder: Path, number: int, *, now: float, settle_seconds: float, reads: _Reads
 ) -> Candidate | None:
     try:
         listing = list_folder(folder)
@@ -170,9 +185,9 @@ def _examine(
     except OSError as error:
         return _candidate(folder, number, [f"unreadable: {error.strerror or error}"], None, None)
     problems, files = _missing(folder, listing)
-    problems += _broken(folder, files, inspect)
-    state = _read_trainer_state(folder / TRAINER_STATE)
-    newest_ns = max(files.values(), default=None)
+    problems += _broken(folder, files, reads)
+    state = reads.trainer_state(os.path.join(folder, TRAINER_STATE), files.get(TRAINER_STATE))
+    newest_ns = max((status.st_mtime_ns for status in files.values()), default=None)
     if isinstance(state, str):
         problems.append(state)
     else:
@@ -182,8 +197,8 @@ def _examine(
             )
         older = sorted(
             name
-            for name, mtime in files.items()
-            if mtime > state.mtime_ns and _BEFORE_STATE.fullmatch(name)
+            for name, status in files.items()
+            if status.st_mtime_ns > state.mtime_ns and _BEFORE_STATE.fullmatch(name)
         )
         if older:
             # trainer_state.json is written last: a file newer than it is from a later save
@@ -201,7 +216,7 @@ def _examine(
     return _candidate(folder, number, problems, completed_at, good)
 
 
-def _missing(folder: Path, listing: Listing) -> tuple[list[str], dict[str, int]]:
+def _missing(folder: Path, listing: Listing) -> tuple[list[str], dict[str, os.stat_result]]:
     """What the save lacks, and every file of it (sub-folders' as ``<folder>/<name>``)."""
     layout = examine_layout(folder, listing)
     files = {**listing.files, **layout.nested}
@@ -222,11 +237,12 @@ def _missing(folder: Path, listing: Listing) -> tuple[list[str], dict[str, int]]
     return problems, files
 
 
-def _broken(folder: Path, files: dict[str, int], inspect: Inspect) -> list[str]:
+def _broken(folder: Path, files: dict[str, os.stat_result], reads: _Reads) -> list[str]:
     problems = []
+    base = str(folder)
     for name in sorted(files):
         if name.endswith(_CHECKED_SUFFIXES):
-            report = inspect(folder / name)
+            report = reads.report(os.path.join(base, name), files[name])
             if report.problem is not None:
                 problems.append(f"{name}: {report.problem}")
     for index in _WEIGHT_INDEXES:
@@ -235,7 +251,7 @@ def _broken(folder: Path, files: dict[str, int], inspect: Inspect) -> list[str]:
     return problems
 
 
-def _shards_missing(index: Path, files: dict[str, int]) -> list[str]:
+def _shards_missing(index: Path, files: dict[str, os.stat_result]) -> list[str]:
     try:
         weight_map = json.loads(index.read_bytes()).get("weight_map", {})
         shards = sorted(set(weight_map.values()))

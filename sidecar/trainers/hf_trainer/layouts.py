@@ -51,31 +51,32 @@ _MAX_TAG_BYTES = 4096
 
 @dataclass(frozen=True)
 class Listing:
-    """One folder's entries: file names with their mtimes (ns), and sub-folder names."""
+    """One folder's entries: file names with their status (links not followed, so only
+    regular files), and sub-folder names."""
 
-    files: dict[str, int]
+    files: dict[str, os.stat_result]
     folders: frozenset[str]
 
 
 @dataclass
 class Findings:
     """What a layout found: its name, what is missing, and files of its sub-folders
-    (``<folder>/<name>`` -> mtime ns) to check like the top-level ones."""
+    (``<folder>/<name>`` -> status) to check like the top-level ones."""
 
     layout: str
     problems: list[str] = field(default_factory=list)
-    nested: dict[str, int] = field(default_factory=dict)
+    nested: dict[str, os.stat_result] = field(default_factory=dict)
     weights_elsewhere: bool = False  # the model is in the layout's own files
 
 
 def list_folder(folder: Path) -> Listing:
     """Files and sub-folders directly in ``folder`` (no symlinks followed); raises OSError."""
-    files: dict[str, int] = {}
+    files: dict[str, os.stat_result] = {}
     folders = set()
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.is_file(follow_symlinks=False):
-                files[entry.name] = entry.stat(follow_symlinks=False).st_mtime_ns
+                files[entry.name] = entry.stat(follow_symlinks=False)
             elif entry.is_dir(follow_symlinks=False):
                 folders.add(entry.name)
     return Listing(files, frozenset(folders))
@@ -117,7 +118,7 @@ def _deepspeed(folder: Path, listing: Listing) -> Findings:
     except OSError as error:
         found.problems.append(f"{tag}/: unreadable: {error}")
         return found
-    found.nested = {f"{tag}/{name}": mtime for name, mtime in tagged.files.items()}
+    found.nested = {f"{tag}/{name}": status for name, status in tagged.files.items()}
     model = _ranks(tagged.files, _MODEL_STATES)
     if not model:
         found.problems.append(f"{tag}/: no *_model_states.pt (the model's DeepSpeed state)")
@@ -126,7 +127,7 @@ def _deepspeed(folder: Path, listing: Listing) -> Findings:
     return found
 
 
-def _ranks(files: dict[str, int], pattern: re.Pattern[str]) -> dict[int, set[int]]:
+def _ranks(files: dict[str, os.stat_result], pattern: re.Pattern[str]) -> dict[int, set[int]]:
     """Per model-parallel rank, the data-parallel ranks that wrote a file (-1: unpartitioned)."""
     ranks: dict[int, set[int]] = {}
     for name in files:
@@ -174,7 +175,7 @@ def _sharded(folder: Path, name: str, found: Findings) -> list[str]:
         sharded = list_folder(folder / name)
     except OSError as error:
         return [f"{name}/: unreadable: {error}"]
-    found.nested.update({f"{name}/{file}": mtime for file, mtime in sharded.files.items()})
+    found.nested.update({f"{name}/{file}": status for file, status in sharded.files.items()})
     if DCP_METADATA not in sharded.files:
         return [f"{name}/{DCP_METADATA} missing (written after every rank's shards)"]
     if not any(file.endswith(".distcp") for file in sharded.files):

@@ -214,17 +214,25 @@ def test_polling_with_a_memo_opens_only_new_or_changed_files(
 ) -> None:
     """The sidecar polls the folder: a second scan opens no file again; a file cut short in
     place (same name and mtime, another size) is opened again and caught."""
-    from sidecar.checkpoints import file_memo
     from sidecar.checkpoints.file_memo import FileReportMemo
+    from sidecar.trainers.hf_trainer import checkpoints
 
     opened: list[str] = []
-    real = file_memo.inspect_state_file
+    real = checkpoints.inspect_state_file
 
     def counting(path: str):  # type: ignore[no-untyped-def]
         opened.append(os.path.basename(path))
         return real(path)
 
-    monkeypatch.setattr(file_memo, "inspect_state_file", counting)
+    monkeypatch.setattr(checkpoints, "inspect_state_file", counting)
+    parsed: list[str] = []
+    real_state = checkpoints._read_trainer_state
+
+    def parsing(path):  # type: ignore[no-untyped-def]
+        parsed.append(str(path))
+        return real_state(path)
+
+    monkeypatch.setattr(checkpoints, "_read_trainer_state", parsing)
     for step in (10, 20):
         write_checkpoint(tmp_path, step)
     memo = FileReportMemo()
@@ -237,7 +245,9 @@ def test_polling_with_a_memo_opens_only_new_or_changed_files(
     first = polled()
     checked = len(opened)
     assert checked == 2 * 5  # per folder: weights, training_args, optimizer, scheduler, RNG
+    assert len(parsed) == 2
     assert polled() == first and len(opened) == checked
+    assert len(parsed) == 2, "an unchanged trainer_state.json is not parsed again"
     optimizer = tmp_path / "checkpoint-20" / "optimizer.pt"
     stamp = optimizer.stat().st_mtime
     with optimizer.open("r+b") as handle:
