@@ -260,6 +260,9 @@ def _put_back_unsupervised(paths: RunPaths, ledger: Ledger, name: str) -> int:
                 events.CHECKPOINT_PUT_BACK, checkpoint=moved.original, was=moved.moved_to
             )
             print(f"put back {moved.moved_to} as {moved.original}")
+            if moved.problems:
+                # Its trainer's own "latest" rule sees it again: say what it held when moved.
+                print(f"it was set aside as incomplete: {'; '.join(moved.problems)}")
             return 0
     names = ", ".join(Path(m.moved_to).name for m in ledger.set_aside if m.put_back_at is None)
     print(

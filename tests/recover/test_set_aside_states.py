@@ -119,6 +119,8 @@ def test_put_back_renames_it_back_and_records_it_but_not_under_a_live_sidecar(ru
     assert "stop it first" in capsys.readouterr().err and not cut.exists()
     assert put_back(settings, name) == 0
     assert cut.is_dir()
+    said = capsys.readouterr().out
+    assert f"as {cut}" in said and "it was set aside as incomplete: " in said
     (record,) = LedgerStore(paths.state_dir).load().set_aside
     assert record.put_back_at is not None
     assert put_back(settings, name) == commands.EXIT_PROBLEM  # nothing set aside any more
