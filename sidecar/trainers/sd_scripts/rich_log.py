@@ -12,10 +12,14 @@ the first row only, every row padded with spaces to the full width::
                                  lora-step00000018-state
 
 A message is word-wrapped at spaces (the space is dropped) and a word longer than the column
-is folded into pieces that fill it exactly. So a row that fills the column continues its word
-on the next row; a shorter one ended at a space. :func:`unwrap` rebuilds each message from its
-rows by that rule; lines that are not records (prints, tqdm) pass unchanged. A record may
-follow a tqdm bar on the same line (rich writes after the bar's last redraw).
+starts a row and is folded into pieces that fill it exactly, the space after it included
+(rich/_wrap.py ``divide_line``). So a full row without a blank is a piece of a folded word,
+which the next row continues, unless that row starts with the space (a folded word exactly k
+columns wide: ``json`` then `` at epoch 2``); any other row ended at a space. :func:`unwrap`
+rebuilds each message from its rows by that rule; lines that are not records (prints, tqdm)
+pass unchanged. A record may follow a tqdm bar on the same line (rich writes after the bar's
+last redraw). One case cannot be told from the text: a word exactly one column wide alone on
+its row reads as a folded one, and the next word is joined to it without the space.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ _RECORD = re.compile(
     r"(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) +)(?P<row>.*)$"
 )
 _SOURCE = re.compile(r"^(?P<message>.*?) +(?P<source>[\w.\-]+\.py:\d+) *$")
-_CONTINUATION = re.compile(rf"^ {{{_PREFIX_WIDTH}}}(?P<row>\S.*)$")
+_CONTINUATION = re.compile(rf"^ {{{_PREFIX_WIDTH}}}(?P<row> ?\S.*)$")
 
 
 def unwrap(text: str) -> str:
@@ -50,14 +54,50 @@ def unwrap(text: str) -> str:
             continue
         # The message column: the row's width less the source and the space before it.
         width = len(first) - len(source.group("source")) - 1
-        message = previous = source.group("message").rstrip()
-        while index < len(lines):
-            continuation = _CONTINUATION.match(lines[index])
-            if continuation is None or _RECORD.search(lines[index]):
-                break
-            row = continuation.group("row").rstrip()
-            message += ("" if len(previous) >= width else " ") + row
-            previous = row
-            index += 1
-        out.append(line[: record.start()] + record.group("prefix") + message)
+        message = source.group("message").rstrip()
+        head = line[: record.start()] + record.group("prefix")
+        message, index = _joined(lines, index, width, message)
+        out.append(head + message)
     return "\n".join(out)
+
+
+def _joined(lines: list[str], index: int, width: int, message: str) -> tuple[str, int]:
+    """The record's message with its continuation rows from ``lines[index]`` on, and the
+    index of the first line after them."""
+    # What goes before the next row: nothing after a piece of a folded word (a full row
+    # without a blank), else the space the wrap dropped.
+    joiner = _joiner(message, width)
+    while index < len(lines):
+        line = lines[index]
+        if _RECORD.search(line):
+            break
+        if not joiner and not line.strip() and _continues(lines, index + 1):
+            # The folded word's trailing blank, cut into a row of its own because the word
+            # after it is too wide to share it: the next row starts that word.
+            message, joiner, index = message + " ", "", index + 1
+            continue
+        continuation = _CONTINUATION.match(line)
+        if continuation is None:
+            break
+        row = continuation.group("row").rstrip()
+        if row.startswith(" "):
+            if joiner:
+                break  # indented text of its own, not a row of this record
+            message += row  # the folded word's trailing blank starts this row
+        else:
+            message += joiner + row
+        joiner = _joiner(row, width)
+        index += 1
+    return message, index
+
+
+def _joiner(row: str, width: int) -> str:
+    return "" if len(row) >= width and " " not in row else " "
+
+
+def _continues(lines: list[str], index: int) -> bool:
+    return (
+        index < len(lines)
+        and _CONTINUATION.match(lines[index]) is not None
+        and not _RECORD.search(lines[index])
+    )
