@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from typing import TextIO
 
@@ -87,21 +88,36 @@ def rich_record(message: str, level: str, source: str, last_stamp: str | None) -
     return "\n".join(lines) + "\n"
 
 
+# A word as rich splits a message: leading blanks (the first word's), the word, and the
+# blanks after it, which travel with it (rich/_wrap.py ``words``).
+_RICH_WORD = re.compile(r"\s*\S+\s*")
+
+
 def _wrap(message: str, width: int) -> list[str]:
+    """The message's rows as rich 13.7 (sd-scripts' pin) divides them (``rich/_wrap.py``
+    ``divide_line``, then ``Text.wrap``): a word goes on the row while the row has room for
+    it without its trailing blanks; one that has no room starts the next row; one longer than
+    the column starts a row of its own and is cut into column-wide pieces, its trailing blank
+    included, so a word exactly k columns wide leaves that blank to start the next row
+    (`` at epoch 2``). Blanks past the column's end are dropped."""
     rows: list[str] = []
-    current = ""
-    for word in message.split(" "):
-        if current and len(current) + 1 + len(word) <= width:
-            current += " " + word
-            continue
-        if current:
-            rows.append(current)
-        while len(word) > width:  # folded: the pieces fill the column
-            rows.append(word[:width])
-            word = word[width:]
-        current = word
-    rows.append(current)
-    return rows
+    row, used = "", 0
+    for match in _RICH_WORD.finditer(message):
+        word = match.group()
+        needed = len(word.rstrip())
+        if width - used >= needed:
+            row, used = row + word, used + len(word)
+        elif needed > width:
+            pieces = [word[at : at + width] for at in range(0, len(word), width)]
+            if match.start():
+                rows.append(row)
+            rows.extend(pieces[:-1])
+            row, used = pieces[-1], len(pieces[-1])
+        else:
+            rows.append(row)
+            row, used = word, len(word)
+    rows.append(row)
+    return [row[:width] + row[width:].rstrip() for row in rows]
 
 
 class ProgressBar:
