@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,9 +34,6 @@ class Scene:
         self.tree = build_fluxgym_tree(
             root, extra_trainer_args="--save_every_n_steps 6 --save_state"
         )
-        self.runtime = start_runtime(
-            self.tree, {**FAST_SIMULATION, "SIM_FAULTS": faults, "SIM_STEP_SECONDS": step_seconds}
-        )
         pattern = tree_pattern(self.tree)
         sidecar_env = {
             **os.environ,
@@ -47,7 +45,15 @@ class Scene:
             "SIDECAR_CHECKPOINT_SETTLE": "0.3s",
         }
         self.sidecar = spawn_sidecar(sidecar_env)
+        self.runtime: subprocess.Popen[bytes] | None = None
         self.events: list[dict] = []
+        # The sidecar watches before the runtime starts train.sh: a trainer someone else
+        # started is read from the moment it is first seen, and a loaded machine can take
+        # longer to start the sidecar than the trainer takes to reach its fault.
+        self.wait_for("sidecar_started")
+        self.runtime = start_runtime(
+            self.tree, {**FAST_SIMULATION, "SIM_FAULTS": faults, "SIM_STEP_SECONDS": step_seconds}
+        )
 
     def wait_for(self, name: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
@@ -66,14 +72,16 @@ class Scene:
 
     def close(self) -> None:
         for process in (self.sidecar, self.runtime):
-            if process.poll() is None:
+            if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         try:
             self.sidecar.wait(timeout=10)
         finally:
-            kill_everything(self.runtime.pid)
+            if self.runtime is not None:
+                kill_everything(self.runtime.pid)
             kill_everything(self.sidecar.pid)
-            self.runtime.wait(timeout=10)
+            if self.runtime is not None:
+                self.runtime.wait(timeout=10)
 
 
 @pytest.fixture
