@@ -86,8 +86,9 @@ class ProcessRestarter:
             self._log(
                 events.TRAINER_ADOPTED,
                 pid=survivor.pid,
-                reason="launched by an earlier sidecar and still running; watching it "
-                "instead of starting a second trainer",
+                reason="still running from before this sidecar started (an earlier "
+                "sidecar's launch, or the kohya_ss GUI's run it took over); watching it instead "
+                "of starting a second trainer",
             )
             return
         self._launch_with_retries()

@@ -74,7 +74,7 @@ _CONSOLE_WIDTH = 80  # rich's width when no stream is a terminal and COLUMNS is 
 
 
 def rich_record(message: str, level: str, source: str, last_stamp: str | None) -> str:
-    """One log record as rich's ``RichHandler`` renders it into a file (rich 14, sd-scripts'
+    """One log record as rich's ``RichHandler`` renders it into a file (rich 13.7, sd-scripts'
     ``setup_logging``): the time, or 19 spaces when the second repeats the previous record's;
     the level padded to 8; the message word-wrapped at spaces in its column, a word longer
     than the column folded to fill it; the source right-aligned on the first row; every row

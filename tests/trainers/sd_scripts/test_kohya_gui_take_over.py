@@ -92,6 +92,39 @@ def test_a_gui_run_that_hangs_is_captured_and_resumed(fluxgym):
     assert ledger["completed"]
 
 
+def test_a_healthy_gui_run_is_watched_to_its_end_and_left_alone(fluxgym):
+    """Adopted and watched, never stopped or relaunched: the GUI's own trainer finishes,
+    the GUI sees it exit 0, and the sidecar reports the run completed."""
+    tree = build_fluxgym_tree(fluxgym.root.parent / "t")
+    toml = tree.output_dir / "config_lora-20261201-130000.toml"
+    gui = start_gui(tree, toml, {})
+    try:
+        run = run_sidecar(
+            tree, settings={"SIDECAR_TRAIN_SCRIPT": None, "SIDECAR_FOLLOW": "kohya-gui"}
+        )
+        gui_exit = gui.wait(timeout=60)
+    finally:
+        if gui.poll() is None:
+            gui.kill()
+            gui.wait()
+    assert run.exit_code == 0, run.stderr[-3000:]
+    (captured,) = run.named("gui_run_captured")
+    (adopted,) = run.named("trainer_adopted")
+    assert adopted["pid"] == captured["pid"] and "kohya_ss GUI" in adopted["reason"]
+    (started,) = run.named("trainer_started")
+    assert started["pid"] == captured["pid"], "the GUI's own trainer is watched, none is started"
+    for event in ("stall_detected", "trainer_crashed", "trainer_stopped", "trainer_restarted"):
+        assert not run.named(event), event
+    assert run.named("training_completed")
+    assert gui_exit == 0, "the GUI's child ran to its end, untouched"
+    # Only kept ready for a relaunch: pointed at the newest complete state seen at the start
+    # (when the GUI's run had written one by then), never run.
+    script = parse_train_script((tree.output_dir / ".sidecar" / CAPTURED_SCRIPT_NAME).read_text())
+    rewritten = run.named("train_script_rewritten")
+    assert script.resume == (rewritten[-1]["resume"] if rewritten else None)
+    assert (tree.output_dir / "my-lora.safetensors").is_file()
+
+
 def test_a_restarted_sidecar_keeps_the_script_of_its_own_relaunch(tmp_path):
     """The relaunch (bash exec'd the trainer: the recorded pid) runs with the sidecar's own
     environment: it is adopted with the script that holds the resume, not captured anew."""
