@@ -56,7 +56,7 @@ from sidecar.run.paths import RunPaths
 # In the environment of every train.sh the sidecar launches: tells its own from the UI's.
 LAUNCH_MARKER = "TRAINING_SIDECAR_LAUNCH"
 # How long the Engine's view of a launch is waited for to agree with /proc's.
-EXIT_RECORD_WAIT = 5.0
+SETTLE_WAIT = 5.0
 
 
 class ExecRestarter:
@@ -292,12 +292,12 @@ class ExecRestarter:
         recorded a little after its process ends (on a busy machine, well over a poll later).
         Meanwhile the Engine answers "running" with no code, and a run that finished would
         read as ended without one. So that is waited out, once per launch and for at most
-        ``EXIT_RECORD_WAIT`` seconds (an exec the pattern never sees is not waited for again).
+        ``SETTLE_WAIT`` seconds (an exec the pattern never sees is not waited for again).
         """
         exec_id = self._exec_id
         if exec_id is None:
             return [], None
-        deadline = self._monotonic() + (0.0 if exec_id == self._waited_for else EXIT_RECORD_WAIT)
+        deadline = self._monotonic() + (0.0 if exec_id == self._waited_for else SETTLE_WAIT)
         while True:
             try:
                 info = self.gateway.exec_inspect(exec_id)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from sidecar.clients.docker_answers import ContainerInfo, ExecInfo
-from sidecar.restarters.exec import EXIT_RECORD_WAIT, ExecRestarter
+from sidecar.restarters.exec import SETTLE_WAIT, ExecRestarter
 
 
 class LateEngine:
@@ -115,7 +115,7 @@ def test_the_wait_is_bounded_and_not_repeated_for_the_same_launch(
     began = clock.now
     status = restarter.status()
     assert (status.running, status.exit_code) == (False, None)
-    assert EXIT_RECORD_WAIT <= clock.now - began <= EXIT_RECORD_WAIT + 0.1
+    assert SETTLE_WAIT <= clock.now - began <= SETTLE_WAIT + 0.1
     sleeps = clock.sleeps
     restarter.status()  # the next poll asks the Engine once, without waiting again
     assert clock.sleeps == sleeps

@@ -30,11 +30,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from sidecar.checkpoints.file_checks import FileReport, inspect_state_file
+from sidecar.checkpoints.file_checks import inspect_state_file
 from sidecar.checkpoints.file_memo import FileReportMemo
 from sidecar.checkpoints.scan import STILL_WRITTEN, Candidate, newest_complete_first
 from sidecar.trainers.hf_trainer.layouts import Listing, examine_layout, list_folder
@@ -56,6 +57,7 @@ TRAINER_STATE = "trainer_state.json"
 MAX_TRAINER_STATE_BYTES = 64 * 1024 * 1024
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_Read = TypeVar("_Read")
 _RNG_STATE = re.compile(r"rng_state(?:_\d+)?\.pth")
 # What Trainer._save_checkpoint writes before trainer_state.json, in that one process
 # (transformers trainer.py: _save_checkpoint, _save_optimizer_and_scheduler,
@@ -132,15 +134,12 @@ class _Reads:
 
     memo: FileReportMemo | None
 
-    def report(self, path: str, status: os.stat_result) -> FileReport:
-        if self.memo is None:
-            return inspect_state_file(path)
-        return self.memo.recall(path, status, inspect_state_file)
-
-    def trainer_state(self, path: str, status: os.stat_result | None) -> _TrainerState | str:
+    def __call__(
+        self, read: Callable[[str], _Read], path: str, status: os.stat_result | None
+    ) -> _Read:
         if self.memo is None or status is None:
-            return _read_trainer_state(path)
-        return self.memo.recall(path, status, _read_trainer_state)
+            return read(path)
+        return self.memo.recall(path, status, read)
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,9 @@ def _examine(
         return _candidate(folder, number, [f"unreadable: {error.strerror or error}"], None, None)
     problems, files = _missing(folder, listing)
     problems += _broken(folder, files, reads)
-    state = reads.trainer_state(os.path.join(folder, TRAINER_STATE), files.get(TRAINER_STATE))
+    state = reads(
+        _read_trainer_state, os.path.join(folder, TRAINER_STATE), files.get(TRAINER_STATE)
+    )
     newest_ns = max((status.st_mtime_ns for status in files.values()), default=None)
     if isinstance(state, str):
         problems.append(state)
@@ -242,7 +243,7 @@ def _broken(folder: Path, files: dict[str, os.stat_result], reads: _Reads) -> li
     base = str(folder)
     for name in sorted(files):
         if name.endswith(_CHECKED_SUFFIXES):
-            report = reads.report(os.path.join(base, name), files[name])
+            report = reads(inspect_state_file, os.path.join(base, name), files[name])
             if report.problem is not None:
                 problems.append(f"{name}: {report.problem}")
     for index in _WEIGHT_INDEXES:

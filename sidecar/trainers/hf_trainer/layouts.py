@@ -60,10 +60,9 @@ class Listing:
 
 @dataclass
 class Findings:
-    """What a layout found: its name, what is missing, and files of its sub-folders
+    """What a layout found: what is missing, and files of its sub-folders
     (``<folder>/<name>`` -> status) to check like the top-level ones."""
 
-    layout: str
     problems: list[str] = field(default_factory=list)
     nested: dict[str, os.stat_result] = field(default_factory=dict)
     weights_elsewhere: bool = False  # the model is in the layout's own files
@@ -90,13 +89,13 @@ def examine_layout(folder: Path, listing: Listing) -> Findings:
         FSDP_MODEL_FOLDER.fullmatch(name) for name in listing.folders
     ):
         return _fsdp(folder, listing)
-    found = Findings("plain")
+    found = Findings()
     found.problems = [f"{name} missing" for name in PLAIN_REQUIRED if name not in listing.files]
     return found
 
 
 def _deepspeed(folder: Path, listing: Listing) -> Findings:
-    found = Findings("deepspeed", weights_elsewhere=True)
+    found = Findings(weights_elsewhere=True)
     if DEEPSPEED_LATEST not in listing.files:
         found.problems.append(
             f"{DEEPSPEED_LATEST} missing (DeepSpeed writes it after every rank's files)"
@@ -155,7 +154,7 @@ def _ranks_missing(tag: str, what: str, ranks: dict[int, set[int]]) -> list[str]
 
 
 def _fsdp(folder: Path, listing: Listing) -> Findings:
-    found = Findings("fsdp", weights_elsewhere=True)
+    found = Findings(weights_elsewhere=True)
     for name in sorted(listing.folders):
         if FSDP_MODEL_FOLDER.fullmatch(name) or FSDP_OPTIMIZER_FOLDER.fullmatch(name):
             found.problems += _sharded(folder, name, found)
